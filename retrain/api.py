@@ -1,0 +1,323 @@
+"""The Python API: ``train``, ``evaluate``, ``predict``, ``export``. The CLI is a thin layer over it.
+
+The library never prints: it returns dataclasses, and progress goes through ``progress``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
+from .config import TrainConfig
+from .dataset import split_dataset
+from .errors import ConfigError, DatasetError, ModelError, OutputError
+from .evaluate import Evaluation, Prediction, classification_metrics, evaluate_runner, predict_runner, run_on_files
+from .export import LABELS_FILE, TFLITE_FORMATS, build_serving_model, export_tflite, save_serving_model, tflite_format
+from .head import train_head
+from .images import iter_image_batches
+from .module import load_module
+from .runner import SavedModelRunner, TFLiteRunner, load_model, read_run_info
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+SAVED_MODEL_DIR = "saved_model"
+
+
+@dataclass
+class TrainResult:
+    output: str
+    classes: list[str]
+    split: dict  # images per split
+    split_per_class: dict
+    metrics: dict  # validation / test (SavedModel on test images) / tflite per format
+    timings: dict  # seconds per phase
+    cache: dict  # hits, misses, corrupt_shards, dir
+    module: dict  # handle, fingerprint, input spec, feature dim
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)
+    head: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"retrain": __version__, "python": platform.python_version()}
+    for name in ("tensorflow", "keras", "tensorflow-hub", "numpy", "pillow", "ai-edge-litert"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _is_retrain_output(path: Path) -> bool:
+    try:
+        return json.loads((path / RUN_FILE).read_text()).get("tool") == "retrain"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but an earlier retrain output unless ``overwrite``."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite and not _is_retrain_output(output):
+        raise OutputError(f"output folder {output} exists and is not a retrain output: pass --overwrite to replace it")
+
+
+class _StagedOutput:
+    """Write into a hidden sibling folder; move it into place only when complete."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.stage = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.stage.mkdir()
+        return self.stage
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            return False
+        old = None
+        if self.output.exists():
+            old = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.output, old)
+        os.replace(self.stage, self.output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def _arrays(images, vectors, dim):
+    x = np.stack([vectors[i.content_hash] for i in images]) if images else np.zeros((0, dim), np.float32)
+    y = np.asarray([i.label for i in images], np.int64)
+    return x, y
+
+
+def _load_pixels(images, spec, batch_size):
+    """uint8 pixels of ``images`` (through the one preprocessing path), in order, for the checks."""
+    pixels = [None] * len(images)
+    for indices, batch, _ in iter_image_batches(
+        [i.path for i in images], [i.decoder for i in images], spec.height, spec.width, batch_size
+    ):
+        for index, image in zip(indices.tolist(), batch if batch is not None else []):
+            pixels[index] = image
+    keep = [k for k, p in enumerate(pixels) if p is not None]
+    return [images[k] for k in keep], (np.stack([pixels[k] for k in keep]) if keep else None)
+
+
+def _representative_images(images, spec, count: int, seed: int, batch_size: int):
+    rng = np.random.default_rng(seed)
+    chosen = [images[i] for i in sorted(rng.permutation(len(images))[:count])]
+    _, pixels = _load_pixels(chosen, spec, batch_size)
+    return [] if pixels is None else list(pixels)
+
+
+def check_tflite(tflite_path: Path, reference_probabilities: np.ndarray, pixels: np.ndarray, labels: np.ndarray) -> dict:
+    """Run a TFLite file on the test pixels: accuracy, top-1 agreement with the SavedModel, size, latency."""
+    runner = TFLiteRunner(tflite_path)
+    started = time.perf_counter()
+    probabilities = runner.predict(pixels)
+    seconds = time.perf_counter() - started
+    predicted = probabilities.argmax(axis=1)
+    return {
+        "file": tflite_path.name,
+        "size_bytes": tflite_path.stat().st_size,
+        "accuracy": float((predicted == labels).mean()),
+        "agreement": float((predicted == reference_probabilities.argmax(axis=1)).mean()),
+        "max_abs_diff": float(np.abs(probabilities - reference_probabilities).max()),
+        "ms_per_image": 1000.0 * seconds / len(pixels),
+        "n_images": int(len(pixels)),
+    }
+
+
+def train(
+    image_dir: str | os.PathLike,
+    module: str,
+    output: str | os.PathLike,
+    *,
+    config: TrainConfig | None = None,
+    overwrite: bool = False,
+    **options,
+) -> TrainResult:
+    """Train a classifier on ``image_dir`` with ``module`` as a frozen feature extractor and
+    write it to ``output``. Options are ``TrainConfig`` fields."""
+    config = replace(config, **options) if config is not None else TrainConfig.from_options(**options)
+    for name in config.quantize:
+        tflite_format(name)
+    output = Path(output).expanduser()
+    check_output(output, overwrite)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    split = split_dataset(image_dir, config.validation_percent, config.test_percent, config.validation_dir, config.test_dir)
+    timings["scan"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    loaded = load_module(module, config.image_size, config.allow_unversioned)
+    spec = loaded.info.input_spec
+    timings["module"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    cache_root = config.resolved_cache_dir
+    clean_stale_temporaries(cache_root)
+    cache = BottleneckCache(cache_root, loaded.info.fingerprint, spec.key())
+    everything = split.train + split.validation + split.test
+    bottlenecks = extract_bottlenecks(everything, loaded, cache, config.extract_batch_size)
+    timings["bottlenecks"] = time.perf_counter() - mark
+
+    skipped = list(split.skipped) + bottlenecks.skipped
+    failed = {s["path"] for s in bottlenecks.skipped}
+    for name in ("train", "validation", "test"):
+        setattr(split, name, [i for i in getattr(split, name) if i.content_hash in bottlenecks.vectors])
+    for index, name in enumerate(split.classes):
+        if not any(i.label == index for i in split.train):
+            raise DatasetError(f"class {name} has no usable training images ({len(failed)} file(s) could not be decoded)")
+    dim = loaded.info.feature_dim
+
+    mark = time.perf_counter()
+    train_x, train_y = _arrays(split.train, bottlenecks.vectors, dim)
+    val_x, val_y = _arrays(split.validation, bottlenecks.vectors, dim)
+    head = train_head(train_x, train_y, val_x, val_y, len(split.classes), config)
+    timings["train"] = time.perf_counter() - mark
+
+    metrics: dict = {}
+    if len(val_x):
+        metrics["validation"] = classification_metrics(val_y, head.probabilities(val_x).argmax(1), split.classes)
+
+    mark = time.perf_counter()
+    with _StagedOutput(output) as stage:
+        labels_path = stage / LABELS_FILE
+        labels_path.write_text("\n".join(split.classes) + "\n", encoding="utf-8")
+        serving = build_serving_model(loaded, head.kernel, head.bias, str(labels_path))
+        save_serving_model(serving, stage / SAVED_MODEL_DIR)
+        artifacts = {"saved_model": str(output / SAVED_MODEL_DIR), "labels": str(output / LABELS_FILE)}
+
+        test_images, test_pixels = _load_pixels(split.test, spec, config.extract_batch_size)
+        reference = None
+        if test_pixels is not None:
+            reference = SavedModelRunner(stage / SAVED_MODEL_DIR).predict(test_pixels)
+            test_labels = np.asarray([i.label for i in test_images], np.int64)
+            metrics["test"] = classification_metrics(test_labels, reference.argmax(1), split.classes)
+            metrics["test"]["source"] = "saved_model"
+
+        representative = None
+        formats = ["float32"] + [f for f in config.quantize if f != "float32"]
+        if any(TFLITE_FORMATS[f].needs_representative for f in formats):
+            representative = _representative_images(split.train, spec, config.calibration_samples, config.seed, config.extract_batch_size)
+        metrics["tflite"] = {}
+        for name in formats:
+            fmt = TFLITE_FORMATS[name]
+            path = export_tflite(stage / SAVED_MODEL_DIR, stage / fmt.filename, name, split.classes, representative)
+            artifacts[f"tflite_{name}"] = str(output / fmt.filename)
+            if reference is not None:
+                metrics["tflite"][name] = check_tflite(path, reference, test_pixels, test_labels)
+        timings["export"] = time.perf_counter() - mark
+        timings["total"] = time.perf_counter() - started
+
+        artifacts["run"] = str(output / RUN_FILE)
+        artifacts["metrics"] = str(output / METRICS_FILE)
+        result = TrainResult(
+            output=str(output),
+            classes=list(split.classes),
+            split=split.counts(),
+            split_per_class=split.counts_per_class(),
+            metrics=metrics,
+            timings={k: round(v, 3) for k, v in timings.items()},
+            cache={
+                "hits": bottlenecks.hits,
+                "misses": bottlenecks.misses,
+                "corrupt_shards": len(bottlenecks.corrupt_shards),
+                "dir": str(cache.dir),
+            },
+            module=loaded.info.to_dict(),
+            skipped=skipped,
+            warnings=list(split.warnings),
+            artifacts=artifacts,
+            head={"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "seconds": round(head.seconds, 3)},
+        )
+        run = {
+            "tool": "retrain",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "image_dir": str(Path(image_dir).expanduser().resolve()),
+            "config": config.to_dict(),
+            "module": result.module,
+            "classes": result.classes,
+            "split": result.split,
+            "split_per_class": result.split_per_class,
+            "head": result.head,
+            "cache": {"hits": bottlenecks.hits, "misses": bottlenecks.misses},
+            "skipped": skipped,
+            "versions": _package_versions(),
+        }
+        (stage / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return result
+
+
+def evaluate(model: str | os.PathLike, image_dir: str | os.PathLike, batch_size: int = 64) -> Evaluation:
+    """Accuracy, per-class figures and confusion matrix of a model (output folder, SavedModel or .tflite)."""
+    return evaluate_runner(load_model(model), image_dir, batch_size)
+
+
+def predict(model: str | os.PathLike, images, top_k: int = 1, batch_size: int = 64) -> list[Prediction]:
+    """Top-k classes for image files (or folders of them)."""
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    return predict_runner(load_model(model), images, top_k, batch_size)
+
+
+def export(output: str | os.PathLike, formats=("float32",), representative_dir: str | os.PathLike | None = None,
+           calibration_samples: int | None = None) -> dict:
+    """(Re)write TFLite variants of an output folder from its SavedModel; returns {format: path}."""
+    output = Path(output).expanduser()
+    run = read_run_info(output)
+    saved_model = output / SAVED_MODEL_DIR
+    if not (saved_model / "saved_model.pb").exists():
+        raise ModelError(f"{output} has no {SAVED_MODEL_DIR}/: not a retrain output folder")
+    classes = run["classes"]
+    fmts = [tflite_format(f) for f in formats]
+    representative = None
+    if any(f.needs_representative for f in fmts):
+        from .dataset import scan_folder
+        from .module import InputSpec
+
+        spec = InputSpec(**{**run["module"]["input_spec"], "value_range": tuple(run["module"]["input_spec"]["value_range"])})
+        source = representative_dir or run["image_dir"]
+        scan = scan_folder(source, classes=classes, role="representative folder")
+        if not scan.images:
+            raise DatasetError(f"representative folder {scan.root} has no usable images")
+        count = calibration_samples or run["config"].get("calibration_samples", 200)
+        representative = _representative_images(scan.images, spec, count, run["config"].get("seed", 0), 64)
+    written = {}
+    for fmt in fmts:
+        final = output / fmt.filename
+        temporary = output / f".{fmt.filename}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            export_tflite(saved_model, temporary, fmt.name, classes, representative)
+            os.replace(temporary, final)
+        finally:
+            if temporary.exists():
+                temporary.unlink()
+        written[fmt.name] = str(final)
+    return written

@@ -1,0 +1,247 @@
+"""Command line: parse, call one library function, print. No TensorFlow import until a command runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import click
+
+from . import __version__, progress
+from .config import TrainConfig
+from .errors import RetrainError
+
+QUANTIZE_CHOICES = ("int8", "float16", "dynamic", "none")
+EXPORT_FORMATS = {"tflite": "float32", "tflite-int8": "int8", "tflite-float16": "float16", "tflite-dynamic": "dynamic"}
+DEFAULTS = TrainConfig()
+
+
+class RetrainGroup(click.Group):
+    """Turns library errors into one ``Error: ...`` line (exit 1) and Ctrl-C into one line (exit 130)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RetrainError as error:
+            raise click.ClickException(str(error)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing was written to the output folder.", err=True)
+            ctx.exit(130)
+
+
+def _output_options(function):
+    function = click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr.")(function)
+    function = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout and nothing else there.")(function)
+    return function
+
+
+def _setup(quiet: bool, as_json: bool) -> None:
+    progress.set_enabled(not (quiet or as_json))
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _notes(items, quiet: bool) -> None:
+    if quiet:
+        return
+    for line in items:
+        click.echo(f"note: {line}", err=True)
+
+
+@click.group(cls=RetrainGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="retrain")
+def main():
+    """Train an image classifier that runs on a phone, from a folder of labelled images,
+    by reusing a pre-trained image module and training only a new head."""
+
+
+@main.command()
+@click.argument("image_dir", type=click.Path(file_okay=False))
+@click.option("--module", "-m", required=True, help="Local SavedModel folder or versioned TF Hub / Kaggle Models URL.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output folder for the model files.")
+@click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True, help="Most epochs; early stopping may end sooner.")
+@click.option("--patience", type=int, default=DEFAULTS.patience, show_default=True, help="Epochs without validation-loss improvement before stopping (0: never stop early).")
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Head training batch size.")
+@click.option("--extract-batch-size", type=int, default=DEFAULTS.extract_batch_size, show_default=True, help="Images per module call when computing bottlenecks.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=DEFAULTS.optimizer, show_default=True)
+@click.option("--learning-rate", type=float, default=DEFAULTS.learning_rate, show_default=True)
+@click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True, help="SGD momentum.")
+@click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True)
+@click.option("--l2", type=float, default=DEFAULTS.l2, show_default=True, help="L2 penalty on the head's kernel.")
+@click.option("--label-smoothing", type=float, default=DEFAULTS.label_smoothing, show_default=True)
+@click.option("--validation-percent", type=float, default=DEFAULTS.validation_percent, show_default=True)
+@click.option("--test-percent", type=float, default=DEFAULTS.test_percent, show_default=True)
+@click.option("--validation-dir", type=click.Path(file_okay=False), help="Use this folder as the validation set instead of a split.")
+@click.option("--test-dir", type=click.Path(file_okay=False), help="Use this folder as the test set instead of a split.")
+@click.option("--image-size", type=int, help="Input size for modules that accept any size (or to check a fixed one).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Bottleneck cache folder [default: ~/.cache/retrain].")
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
+@click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), multiple=True, help="Extra TFLite variant(s) beside float32 (repeatable).")
+@click.option("--calibration-samples", type=int, default=DEFAULTS.calibration_samples, show_default=True, help="Training images used to calibrate int8.")
+@click.option("--allow-unversioned", is_flag=True, help="Accept a URL handle that names no version.")
+@click.option("--overwrite", is_flag=True, help="Replace an output folder that is not a retrain output.")
+@_output_options
+def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **options):
+    """Train a new head on IMAGE_DIR/<class>/<images> and export SavedModel + TFLite."""
+    _setup(quiet, as_json)
+    from .api import train as run_train
+
+    options["quantize"] = tuple(q for q in quantize if q != "none")
+    result = run_train(image_dir, module, output, overwrite=overwrite, **options)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    _notes(result.warnings, quiet)
+    if result.skipped and not quiet:
+        click.echo(f"note: {len(result.skipped)} file(s) skipped (see run.json):", err=True)
+        for item in result.skipped[:10]:
+            click.echo(f"  {item['path']}: {item['reason']}", err=True)
+    split = result.split
+    click.echo(f"classes: {', '.join(result.classes)}")
+    click.echo(f"images: {split['train']} train, {split['validation']} validation, {split['test']} test")
+    click.echo(f"bottlenecks: {result.cache['misses']} computed, {result.cache['hits']} from cache "
+               f"({result.timings['bottlenecks']:.1f} s)")
+    if "validation" in result.metrics:
+        click.echo(f"validation accuracy: {result.metrics['validation']['accuracy']:.4f}")
+    if "test" in result.metrics:
+        click.echo(f"test accuracy: {result.metrics['test']['accuracy']:.4f} (SavedModel, {result.metrics['test']['n_images']} images)")
+    for name, figures in result.metrics.get("tflite", {}).items():
+        click.echo(f"tflite {name}: accuracy {figures['accuracy']:.4f}, agreement with SavedModel "
+                   f"{figures['agreement']:.4f}, {figures['size_bytes'] / 1e6:.2f} MB")
+    click.echo(f"model: {result.output}")
+    for name, path in result.artifacts.items():
+        click.echo(f"  {name}: {path}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("image_dir", type=click.Path(file_okay=False))
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@_output_options
+def evaluate(model, image_dir, batch_size, quiet, as_json):
+    """Accuracy, per-class figures and confusion matrix of MODEL (output folder, SavedModel or .tflite) on IMAGE_DIR."""
+    _setup(quiet, as_json)
+    from .api import evaluate as run_evaluate
+
+    result = run_evaluate(model, image_dir, batch_size)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"{result.kind} {result.model}: accuracy {result.accuracy:.4f} on {result.n_images} images")
+    width = max(len(c) for c in result.classes)
+    click.echo(f"{'class':<{width}}  precision  recall     f1  support")
+    for name, row in result.per_class.items():
+        click.echo(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:.4f}  {row['support']:7d}")
+    click.echo("confusion matrix (rows: true, columns: predicted):")
+    for name, row in zip(result.classes, result.confusion_matrix):
+        click.echo(f"{name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
+    if result.skipped and not quiet:
+        click.echo(f"note: {len(result.skipped)} file(s) skipped", err=True)
+        for item in result.skipped[:10]:
+            click.echo(f"  {item['path']}: {item['reason']}", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", "-k", type=int, default=1, show_default=True)
+@_output_options
+def predict(model, images, top_k, quiet, as_json):
+    """Top-K classes for IMAGES (files or folders); --json prints one JSON object per image."""
+    _setup(quiet, as_json)
+    from .api import predict as run_predict
+
+    results = run_predict(model, list(images), top_k)
+    for item in results:
+        if as_json:
+            click.echo(json.dumps(item.to_dict()))
+        elif item.error:
+            click.echo(f"{item.path}: skipped ({item.error})", err=True)
+        else:
+            click.echo(f"{item.path}: " + ", ".join(f"{t['class']} {t['probability']:.4f}" for t in item.top))
+    if results and all(item.error for item in results):
+        raise click.ClickException("no image could be read")
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--format", "formats", type=click.Choice(list(EXPORT_FORMATS)), multiple=True, required=True, help="Repeatable.")
+@click.option("--representative", type=click.Path(file_okay=False), help="Image folder for int8 calibration [default: the training folder].")
+@click.option("--calibration-samples", type=int, help="Images used to calibrate int8 [default: as trained].")
+@_output_options
+def export(output, formats, representative, calibration_samples, quiet, as_json):
+    """(Re)write TFLite variants of a retrain OUTPUT folder."""
+    _setup(quiet, as_json)
+    from .api import export as run_export
+
+    written = run_export(output, [EXPORT_FORMATS[f] for f in formats], representative, calibration_samples)
+    if as_json:
+        _emit_json({"artifacts": written})
+    else:
+        for name, path in written.items():
+            click.echo(f"{name}: {path}")
+
+
+@main.group()
+def cache():
+    """Inspect or clear the bottleneck cache."""
+
+
+@cache.command("info")
+@click.option("--cache-dir", type=click.Path(file_okay=False))
+@_output_options
+def cache_info(cache_dir, quiet, as_json):
+    """Size of the cache, per module and preprocessing."""
+    from .bottlenecks import cache_summary
+
+    summary = cache_summary(cache_dir)
+    if as_json:
+        _emit_json(summary)
+        return
+    click.echo(f"cache: {summary['path']} ({summary['bytes'] / 1e6:.1f} MB)")
+    for entry in summary["entries"]:
+        click.echo(f"  {entry['name']}: {entry['vectors']} vectors in {entry['shards']} shard(s), {entry['bytes'] / 1e6:.1f} MB")
+
+
+@cache.command("clear")
+@click.option("--cache-dir", type=click.Path(file_okay=False))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def cache_clear(cache_dir, yes):
+    """Delete every cached bottleneck."""
+    from .bottlenecks import cache_summary, clear_cache
+
+    summary = cache_summary(cache_dir)
+    if not yes:
+        click.confirm(f"Delete {summary['path']} ({summary['bytes'] / 1e6:.1f} MB)?", abort=True)
+    removed = clear_cache(cache_dir)
+    click.echo(f"removed {removed} file(s) from {summary['path']}")
+
+
+@main.group()
+def module():
+    """Inspect modules."""
+
+
+@module.command("inspect")
+@click.argument("handle")
+@click.option("--image-size", type=int)
+@click.option("--allow-unversioned", is_flag=True)
+@_output_options
+def module_inspect(handle, image_size, allow_unversioned, quiet, as_json):
+    """Resolve HANDLE and show its input size, feature dimension and fingerprint."""
+    _setup(quiet, as_json)
+    from .module import load_module
+
+    info = load_module(handle, image_size, allow_unversioned).info.to_dict()
+    if as_json:
+        _emit_json(info)
+        return
+    for key, value in info.items():
+        click.echo(f"{key}: {value}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

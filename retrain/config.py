@@ -1,0 +1,112 @@
+"""Every default in one place.
+
+``TrainConfig`` is frozen: the command line builds one from its options (option name = field
+name), the Python API from keyword arguments, and the whole effective config is saved beside
+the model in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def default_cache_dir() -> Path:
+    """The user's cache folder: ``$RETRAIN_CACHE_DIR``, else ``$XDG_CACHE_HOME/retrain``, else ``~/.cache/retrain``."""
+    if os.environ.get("RETRAIN_CACHE_DIR"):
+        return Path(os.environ["RETRAIN_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "retrain"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data split
+    validation_percent: float = 10.0
+    test_percent: float = 10.0
+    validation_dir: str | None = None
+    test_dir: str | None = None
+    # module
+    image_size: int | None = None  # override; otherwise read from the module's signature
+    allow_unversioned: bool = False
+    # bottlenecks
+    cache_dir: str | None = None
+    extract_batch_size: int = 64
+    # head
+    epochs: int = 100
+    patience: int = 10  # early stopping on validation loss; best weights kept
+    batch_size: int = 64
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    momentum: float = 0.9  # sgd only
+    dropout: float = 0.2
+    l2: float = 1e-4
+    label_smoothing: float = 0.1
+    seed: int = 0
+    # export
+    quantize: tuple[str, ...] = ()  # extra TFLite variants beside float32, see export.TFLITE_FORMATS
+    calibration_samples: int = 200  # training images used to calibrate int8
+
+    def __post_init__(self):
+        for name in ("validation_percent", "test_percent"):
+            value = getattr(self, name)
+            if not 0 <= value < 100:
+                raise ConfigError(f"--{_opt(name)} must be in [0, 100), got {value}")
+        if self.validation_percent + self.test_percent >= 100:
+            raise ConfigError("--validation-percent plus --test-percent must leave images for training")
+        for name in ("epochs", "batch_size", "extract_batch_size", "calibration_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_opt(name)} must be at least 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ConfigError(f"--patience must be 0 or more, got {self.patience}")
+        if self.image_size is not None and not 8 <= self.image_size <= 4096:
+            raise ConfigError(f"--image-size must be between 8 and 4096, got {self.image_size}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.l2 < 0:
+            raise ConfigError(f"--l2 must be 0 or more, got {self.l2}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+                              + _did_you_mean(self.optimizer, OPTIMIZERS))
+        object.__setattr__(self, "quantize", tuple(self.quantize))
+
+    @classmethod
+    def from_options(cls, **options) -> "TrainConfig":
+        """Build from keyword options, rejecting unknown names with a suggestion."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in names:
+                raise ConfigError(f"unknown option {key!r}" + _did_you_mean(key, sorted(names)))
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["quantize"] = list(self.quantize)
+        return data
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+
+def _opt(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS"]

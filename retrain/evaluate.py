@@ -1,0 +1,150 @@
+"""Metrics for a model on labelled images: accuracy, per-class precision / recall / F1, confusion matrix."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import progress
+from .dataset import scan_folder
+from .errors import DatasetError
+from .images import IMAGE_EXTENSIONS, iter_image_batches, probe_image
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, per-class figures and the confusion matrix (rows = true class, in ``classes`` order)."""
+    n = len(classes)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    per_class = {}
+    for index, name in enumerate(classes):
+        tp = int(matrix[index, index])
+        predicted = int(matrix[:, index].sum())
+        support = int(matrix[index].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    total = int(matrix.sum())
+    present = [c for c in classes if per_class[c]["support"]]
+    return {
+        "accuracy": float(np.trace(matrix) / total) if total else 0.0,
+        "n_images": total,
+        "macro_f1": float(np.mean([per_class[c]["f1"] for c in present])) if present else 0.0,
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def run_on_files(runner, paths: list[str], decoders: list[str], batch_size: int = 64, desc: str = "evaluate"):
+    """Probabilities for each decodable file: returns (indices, probabilities, skipped[(index, reason)])."""
+    all_indices, all_probabilities, all_skipped = [], [], []
+    with progress.bar(total=len(paths), desc=desc, unit="img") as bar:
+        for indices, pixels, skipped in iter_image_batches(paths, decoders, runner.height, runner.width, batch_size):
+            all_skipped.extend(skipped)
+            if pixels is not None and len(indices):
+                all_indices.append(indices)
+                all_probabilities.append(runner.predict(pixels))
+            bar.update(len(indices) + len(skipped))
+    if not all_indices:
+        return np.zeros(0, np.int64), np.zeros((0, len(runner.classes)), np.float32), all_skipped
+    return np.concatenate(all_indices), np.concatenate(all_probabilities), all_skipped
+
+
+@dataclass
+class Evaluation:
+    model: str
+    kind: str
+    classes: list[str]
+    accuracy: float
+    n_images: int
+    macro_f1: float
+    per_class: dict
+    confusion_matrix: list
+    skipped: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_runner(runner, image_dir: str | os.PathLike, batch_size: int = 64) -> Evaluation:
+    scan = scan_folder(image_dir, classes=runner.classes, role="evaluation folder")
+    if not scan.images:
+        raise DatasetError(f"evaluation folder {scan.root} has no usable images")
+    paths = [i.path for i in scan.images]
+    indices, probabilities, skipped = run_on_files(runner, paths, [i.decoder for i in scan.images], batch_size)
+    y_true = np.asarray([scan.images[i].label for i in indices], np.int64)
+    metrics = classification_metrics(y_true, probabilities.argmax(axis=1), runner.classes)
+    return Evaluation(
+        model=runner.path,
+        kind=runner.kind,
+        classes=list(runner.classes),
+        skipped=scan.skipped + [{"path": paths[i], "reason": r} for i, r in skipped],
+        **metrics,
+    )
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[dict]  # [{"class": name, "probability": p}], best first
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expand_inputs(inputs) -> list[str]:
+    """Files as given; folders expanded to their image files (recursively, sorted)."""
+    paths: list[str] = []
+    for item in inputs:
+        item = Path(item).expanduser()
+        if item.is_dir():
+            paths.extend(
+                str(p) for p in sorted(item.rglob("*"))
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
+        else:
+            paths.append(str(item))
+    return paths
+
+
+def predict_runner(runner, inputs, top_k: int = 1, batch_size: int = 64) -> list[Prediction]:
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise DatasetError("no images to predict: give image files or folders that contain images")
+    top_k = max(1, min(top_k, len(runner.classes)))
+    decoders, errors = [], {}
+    for index, path in enumerate(paths):
+        try:
+            with open(path, "rb") as handle:
+                probe = probe_image(handle.read())
+        except OSError as error:
+            errors[index] = f"cannot read: {error.strerror or error}"
+            decoders.append("skip")
+            continue
+        if probe.problem:
+            errors[index] = probe.problem
+            decoders.append("skip")
+        else:
+            decoders.append(probe.decoder)
+    usable = [i for i, d in enumerate(decoders) if d != "skip"]
+    results: dict[int, Prediction] = {}
+    if usable:
+        indices, probabilities, skipped = run_on_files(
+            runner, [paths[i] for i in usable], [decoders[i] for i in usable], batch_size, desc="predict"
+        )
+        for local, row in zip(indices.tolist(), probabilities):
+            order = np.argsort(-row, kind="stable")[:top_k]
+            top = [{"class": runner.classes[j], "probability": float(row[j])} for j in order]
+            results[usable[local]] = Prediction(paths[usable[local]], top)
+        for local, reason in skipped:
+            errors[usable[local]] = reason
+    for index, reason in errors.items():
+        results[index] = Prediction(paths[index], [], reason)
+    return [results[i] for i in range(len(paths))]

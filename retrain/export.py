@@ -1,0 +1,168 @@
+"""The serving model and its files: SavedModel, TFLite variants (one table), labels.
+
+The serving model takes uint8 RGB images and does everything training did: bilinear resize to
+the module's size, rounding to uint8, scaling to the module's range, the module, the head,
+softmax. Its SavedModel has two signatures:
+
+* ``serving_default``: ``images`` uint8 ``[batch, any height, any width, 3]`` -> ``probabilities``;
+* ``serving_fixed``: ``images`` uint8 ``[batch, H, W, 3]`` (already resized with the same
+  bilinear resize) -> ``probabilities``; TFLite files are converted from this one, since a
+  TFLite graph with an unknown image size converts to a ``[1, 1, 1, 3]`` input.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ._tf import tf as _tf
+from .errors import ConfigError
+from .images import resize_to_uint8, to_module_input
+
+SIGNATURE_ANY_SIZE = "serving_default"
+SIGNATURE_FIXED = "serving_fixed"
+OUTPUT_KEY = "probabilities"
+LABELS_FILE = "labels.txt"
+
+
+def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_path: str):
+    """A ``tf.Module`` (not a Keras model: TFLite conversion of Keras 3 models wrapping a
+    SavedModel gave wrong outputs) with the two serving functions."""
+    tf = _tf()
+    spec = module.info.input_spec
+
+    class ServingModel(tf.Module):
+        def __init__(self):
+            super().__init__(name="retrain_classifier")
+            self.feature_extractor = module.obj
+            self.head_kernel = tf.Variable(kernel, trainable=False, name="head_kernel")
+            self.head_bias = tf.Variable(bias, trainable=False, name="head_bias")
+            self.labels = tf.saved_model.Asset(labels_path)
+            self.serve = tf.function(
+                self._serve, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
+            )
+            self.serve_fixed = tf.function(
+                self._probabilities,
+                input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8, name="images")],
+            )
+
+        def _probabilities(self, images):
+            features = module.features(to_module_input(images, spec.value_range))
+            logits = tf.matmul(features, self.head_kernel) + self.head_bias
+            return {OUTPUT_KEY: tf.nn.softmax(logits)}
+
+        def _serve(self, images):
+            return self._probabilities(resize_to_uint8(images, spec.height, spec.width))
+
+    return ServingModel()
+
+
+def save_serving_model(serving, directory: str | Path) -> None:
+    tf = _tf()
+    tf.saved_model.save(
+        serving,
+        str(directory),
+        signatures={SIGNATURE_ANY_SIZE: serving.serve.get_concrete_function(), SIGNATURE_FIXED: serving.serve_fixed.get_concrete_function()},
+    )
+
+
+# --- TFLite formats: one table -------------------------------------------------------------
+
+
+def _float32(converter, representative):
+    pass
+
+
+def _dynamic(converter, representative):
+    converter.optimizations = [_tf().lite.Optimize.DEFAULT]
+
+
+def _float16(converter, representative):
+    tf = _tf()
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+
+
+def _int8(converter, representative):
+    tf = _tf()
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+
+
+@dataclass(frozen=True)
+class TFLiteFormat:
+    name: str
+    filename: str
+    description: str
+    configure: Callable
+    needs_representative: bool = False
+    agreement_tolerance: float = 0.995  # minimum top-1 agreement with the SavedModel expected
+
+
+TFLITE_FORMATS = {
+    f.name: f
+    for f in (
+        TFLiteFormat("float32", "model.tflite", "float32 weights and activations", _float32),
+        TFLiteFormat("dynamic", "model_dynamic.tflite", "int8 weights, float activations (dynamic range)", _dynamic, agreement_tolerance=0.98),
+        TFLiteFormat("float16", "model_float16.tflite", "float16 weights", _float16, agreement_tolerance=0.99),
+        TFLiteFormat("int8", "model_int8.tflite", "full integer: uint8 input and output, int8 inside", _int8, True, agreement_tolerance=0.95),
+    )
+}
+
+
+def tflite_format(name: str) -> TFLiteFormat:
+    if name not in TFLITE_FORMATS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(TFLITE_FORMATS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown TFLite format {name!r}{hint}; formats: {', '.join(TFLITE_FORMATS)}")
+    return TFLITE_FORMATS[name]
+
+
+def export_tflite(
+    saved_model_dir: str | Path,
+    destination: str | Path,
+    format_name: str,
+    labels: list[str],
+    representative: Iterable[np.ndarray] | None = None,
+) -> Path:
+    """Convert the ``serving_fixed`` signature to one TFLite variant, with labels.txt inside."""
+    tf = _tf()
+    fmt = tflite_format(format_name)
+    if fmt.needs_representative and representative is None:
+        raise ConfigError(f"TFLite format {fmt.name} needs representative images")
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[SIGNATURE_FIXED])
+
+    def representative_dataset():
+        for image in representative:
+            yield [np.asarray(image, np.uint8)[None]]
+
+    fmt.configure(converter, representative_dataset)
+    flatbuffer = converter.convert()
+    destination = Path(destination)
+    destination.write_bytes(flatbuffer)
+    attach_labels(destination, labels)
+    return destination
+
+
+def attach_labels(tflite_path: str | Path, labels: list[str]) -> None:
+    """Pack labels.txt into the .tflite as an associated file (a zip entry, as metadata tools do);
+    interpreters ignore it and ``read_tflite_labels`` reads it back."""
+    with zipfile.ZipFile(tflite_path, "a") as archive:
+        archive.writestr(LABELS_FILE, "\n".join(labels) + "\n")
+
+
+def read_tflite_labels(tflite_path: str | Path) -> list[str] | None:
+    try:
+        with zipfile.ZipFile(tflite_path) as archive:
+            return archive.read(LABELS_FILE).decode("utf-8").splitlines()
+    except (zipfile.BadZipFile, KeyError):
+        return None

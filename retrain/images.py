@@ -1,0 +1,246 @@
+"""The one preprocessing path: file -> RGB uint8 image of the module's size.
+
+Every consumer (bottleneck cache, evaluation, prediction, int8 calibration) gets its pixels
+from ``iter_image_batches``; the serving model applies ``resize_to_uint8`` and
+``to_module_input`` inside its graph. So the phone, the cache and training see the same
+numbers: decode -> bilinear resize -> round to uint8 -> scale to the module's value range.
+
+Plain JPEG and PNG files are decoded by TensorFlow inside a parallel ``tf.data`` pipeline (no
+Python per image). Files TensorFlow gets wrong or cannot read go through Pillow: EXIF-rotated
+and CMYK JPEGs, images with transparency (composited on white), GIF (first frame), WebP, BMP
+and the rest. A file neither can decode is reported as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ._tf import tf as _tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold, applied to both decoders
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+# Bump when the pixels produced for a given file and size change: it is part of the cache key.
+PREPROCESSING_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the first bytes of a file say about how to decode it."""
+
+    decoder: str  # "tf" or "pillow"
+    problem: str | None = None  # set when the file must be skipped without decoding
+
+
+def probe_image(data: bytes) -> Probe:
+    """Choose the decoder for a file's bytes, and refuse files that cannot be images."""
+    if not data:
+        return Probe("tf", "empty file")
+    if data[:3] == b"\xff\xd8\xff":
+        return _probe_jpeg(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return _probe_png(data)
+    return Probe("pillow")
+
+
+def _too_large(width: int, height: int) -> str | None:
+    if width * height > MAX_PIXELS:
+        return f"image too large ({width}x{height} pixels, limit {MAX_PIXELS}): possible decompression bomb"
+    return None
+
+
+def _probe_jpeg(data: bytes) -> Probe:
+    pos, exif, components = 2, False, None
+    n = len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            exif = True
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 10 > n:
+                break
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            components = data[pos + 9]
+            problem = _too_large(width, height)
+            if problem:
+                return Probe("tf", problem)
+            break
+        if marker == 0xDA:  # start of scan: no frame header seen
+            break
+        pos += 2 + length
+    if components not in (1, 3):  # CMYK / YCCK, or a header TensorFlow may misread
+        return Probe("pillow")
+    if exif and _exif_orientation(data) not in (None, 1):
+        return Probe("pillow")
+    return Probe("tf")
+
+
+def _exif_orientation(data: bytes) -> int | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.getexif().get(0x0112)
+    except Exception:
+        return None
+
+
+def _probe_png(data: bytes) -> Probe:
+    if len(data) < 33:
+        return Probe("pillow")
+    width, height = struct.unpack(">II", data[16:24])
+    problem = _too_large(width, height)
+    if problem:
+        return Probe("tf", problem)
+    color_type = data[25]
+    if color_type in (4, 6):  # grey+alpha, RGBA
+        return Probe("pillow")
+    idat = data.find(b"IDAT")
+    trns = data.find(b"tRNS")
+    if trns != -1 and (idat == -1 or trns < idat):  # palette or colour-key transparency
+        return Probe("pillow")
+    return Probe("tf")
+
+
+def decode_with_pillow(data: bytes) -> np.ndarray:
+    """Decode bytes to an RGB uint8 array with Pillow: orientation applied, alpha on white."""
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            problem = _too_large(*image.size)
+            if problem:
+                raise ValueError(problem)
+            image.seek(0)  # first frame of an animation
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                grey = np.asarray(image, dtype=np.uint32)
+                scaled = (grey >> 8) if grey.max(initial=0) > 255 else grey
+                return np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+                canvas.alpha_composite(rgba)
+                image = canvas
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def resize_to_uint8(images, height: int, width: int):
+    """Bilinear resize of uint8 images ([H,W,3] or [N,H,W,3]) to the module's size, rounded to uint8.
+
+    Part of the serving graph, so it must stay a plain TensorFlow op chain.
+    """
+    tf = _tf()
+    resized = tf.image.resize(tf.cast(images, tf.float32), [height, width], method="bilinear", antialias=False)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def to_module_input(images_uint8, value_range: tuple[float, float]):
+    """uint8 pixels -> float32 in the module's value range (TF Hub convention: [0, 1])."""
+    tf = _tf()
+    low, high = value_range
+    return tf.cast(images_uint8, tf.float32) * ((high - low) / 255.0) + low
+
+
+def _tf_decode(path, height: int, width: int):
+    tf = _tf()
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, dtype=tf.uint8, expand_animations=False)
+    return resize_to_uint8(image, height, width)
+
+
+def load_image(path: str, height: int, width: int) -> np.ndarray:
+    """One file -> uint8 [height, width, 3], through the same decoders as the batch pipeline.
+
+    Raises ValueError with a short reason when the file cannot be used.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    probe = probe_image(data)
+    if probe.problem:
+        raise ValueError(probe.problem)
+    if probe.decoder == "tf":
+        try:
+            return _tf_decode(path, height, width).numpy()
+        except Exception:
+            pass
+    return _pillow_resized(data, height, width)
+
+
+def _pillow_resized(data: bytes, height: int, width: int) -> np.ndarray:
+    try:
+        pixels = decode_with_pillow(data)
+    except Exception as error:  # Pillow's own message says what is wrong with the file
+        raise ValueError(_reason(error)) from None
+    return resize_to_uint8(pixels, height, width).numpy()
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "cannot identify image file" in text:
+        return "not a readable image"
+    return text[:200]
+
+
+def iter_image_batches(
+    paths: Sequence[str],
+    decoders: Sequence[str],
+    height: int,
+    width: int,
+    batch_size: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[tuple[int, str]]]]:
+    """Yield ``(indices, uint8 batch [n,H,W,3], skipped)`` over ``paths``.
+
+    ``decoders[i]`` is the probe's choice for ``paths[i]``. Indices refer to ``paths``;
+    ``skipped`` lists ``(index, reason)`` for files that could not be decoded (the batch can
+    then be ``None``). Batches from the TensorFlow pipeline come first, then the Pillow ones.
+    """
+    tf = _tf()
+    tf_indices = [i for i, d in enumerate(decoders) if d == "tf"]
+    pillow_indices = [i for i, d in enumerate(decoders) if d != "tf"]
+    if tf_indices:
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (np.asarray(tf_indices, dtype=np.int64), [paths[i] for i in tf_indices])
+        )
+        dataset = dataset.map(
+            lambda index, path: (index, _tf_decode(path, height, width)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        # A file TensorFlow cannot decode is dropped here and retried with Pillow below.
+        dataset = dataset.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        seen = set()
+        for indices, batch in dataset:
+            indices = indices.numpy()
+            seen.update(indices.tolist())
+            yield indices, batch.numpy(), []
+        pillow_indices = sorted(pillow_indices + [i for i in tf_indices if i not in seen])
+    for start in range(0, len(pillow_indices), batch_size):
+        good, pixels, skipped = [], [], []
+        for index in pillow_indices[start : start + batch_size]:
+            try:
+                with open(paths[index], "rb") as handle:
+                    data = handle.read()
+                pixels.append(_pillow_resized(data, height, width))
+                good.append(index)
+            except (OSError, ValueError) as error:
+                skipped.append((index, str(error) if isinstance(error, ValueError) else _reason(error)))
+        batch = np.stack(pixels) if pixels else None
+        yield np.asarray(good, dtype=np.int64), batch, skipped

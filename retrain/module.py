@@ -1,0 +1,229 @@
+"""Resolve, trust, load and describe a module (a SavedModel mapping images to feature vectors).
+
+A handle is executed code. It is either a local SavedModel folder, or a URL on a trusted host
+(tfhub.dev and Kaggle Models by default) resolved through tensorflow-hub's resolver and its
+cache (``TFHUB_CACHE_DIR``). Published versions are immutable, so a URL must name a version
+unless the user insists. The fingerprint (SHA-256 over the module's files) is recorded with
+every model and is part of every bottleneck's cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ._tf import tf as _tf
+from .errors import ModuleError
+
+TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com")
+DEFAULT_VALUE_RANGE = (0.0, 1.0)  # TF Hub image modules take RGB floats in [0, 1]
+CLASSIFIER_OUTPUT_DIMS = (1000, 1001)  # ImageNet logits: not a feature vector
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the module expects; decides the preprocessing everywhere."""
+
+    height: int
+    width: int
+    value_range: tuple[float, float] = DEFAULT_VALUE_RANGE
+    resize: str = "bilinear"
+
+    def key(self) -> str:
+        from .images import PREPROCESSING_VERSION
+
+        text = f"{self.height}x{self.width}|{self.value_range[0]:g},{self.value_range[1]:g}|{self.resize}|v{PREPROCESSING_VERSION}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["value_range"] = list(self.value_range)
+        return data
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    handle: str
+    path: str
+    fingerprint: str
+    input_spec: InputSpec
+    feature_dim: int
+    trainable_variables: int
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["input_spec"] = self.input_spec.to_dict()
+        return data
+
+
+class LoadedModule:
+    """A loaded module and the one way this program calls it."""
+
+    def __init__(self, info: ModuleInfo, obj, call):
+        self.info = info
+        self.obj = obj
+        self._call = call
+
+    def features(self, images_float):
+        """float32 images in the module's value range -> [batch, dim] features (inference mode)."""
+        return self._call(images_float)
+
+
+def is_url(handle: str) -> bool:
+    return urlparse(handle).scheme in ("http", "https", "gs")
+
+
+def check_trusted(handle: str, allow_unversioned: bool = False, trusted_hosts: tuple[str, ...] = TRUSTED_HOSTS) -> None:
+    """Refuse URL handles from untrusted hosts, and unversioned ones unless asked."""
+    parsed = urlparse(handle)
+    if parsed.scheme not in ("https", "http"):
+        raise ModuleError(f"module handle {handle}: only https URLs on {', '.join(trusted_hosts)} or local folders are loaded")
+    host = (parsed.hostname or "").lower()
+    if host not in trusted_hosts:
+        raise ModuleError(
+            f"module host {host} is not trusted (modules are executed code); trusted: {', '.join(trusted_hosts)}"
+        )
+    if not allow_unversioned and not re.search(r"/\d+/?$", parsed.path):
+        raise ModuleError(
+            f"module handle {handle} names no version: published versions are immutable, so add one "
+            f"(e.g. {handle.rstrip('/')}/1) or pass --allow-unversioned"
+        )
+
+
+def resolve_handle(handle: str, allow_unversioned: bool = False) -> Path:
+    """Handle -> local SavedModel folder (downloading into the TF Hub cache for URLs)."""
+    if is_url(handle):
+        check_trusted(handle, allow_unversioned)
+        import tensorflow_hub as hub
+
+        try:
+            path = Path(hub.resolve(handle))
+        except Exception as error:  # resolver errors are URLError, HTTPError, ValueError...
+            cache = os.environ.get("TFHUB_CACHE_DIR", "the TF Hub cache (set TFHUB_CACHE_DIR)")
+            reason = str(getattr(error, "reason", "") or error).splitlines()[0][:160]
+            raise ModuleError(
+                f"cannot download module {handle} ({reason}); offline? Download it where there is a "
+                f"network and pass its folder, or place it in {cache}"
+            ) from None
+    else:
+        path = Path(handle).expanduser()
+        if not path.exists():
+            raise ModuleError(f"module {handle} does not exist (expected a SavedModel folder or a versioned URL)")
+        if not path.is_dir():
+            raise ModuleError(f"module {handle} is not a folder (expected a SavedModel folder)")
+    if (path / "tfhub_module.pb").exists() and not (path / "saved_model.pb").exists():
+        raise ModuleError(f"module {handle} is in the TF1 Hub format: a TF2 SavedModel feature_vector module is needed")
+    if not ((path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists()):
+        raise ModuleError(f"module {handle} is not a SavedModel: {path} has no saved_model.pb")
+    return path
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 over the module's files (relative names and bytes), independent of where it lies."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _call_and_spec(obj):
+    """Find how to call a loaded SavedModel and the spec of its image input."""
+    call_fn = getattr(obj, "__call__", None)
+    concrete = getattr(call_fn, "concrete_functions", None)
+    if concrete:
+        spec, takes_training = None, False
+        for function in concrete:
+            args = function.structured_input_signature[0]
+            if args and hasattr(args[0], "shape"):
+                spec = args[0]
+                takes_training = takes_training or len(args) > 1
+        if spec is not None:
+            if takes_training:
+                return (lambda x: obj(x, training=False)), spec
+            return (lambda x: obj(x)), spec
+    signatures = getattr(obj, "signatures", {}) or {}
+    for name in ("default", "serving_default"):
+        if name in signatures:
+            signature = signatures[name]
+            inputs = signature.structured_input_signature[1]
+            if len(inputs) != 1:
+                raise ModuleError(f"module signature {name!r} takes {len(inputs)} inputs: an image-only module is needed")
+            (input_name, spec), = inputs.items()
+            outputs = signature.structured_outputs
+            out_key = next((k for k in ("feature_vector", "default", "output_0") if k in outputs), None)
+            if out_key is None and len(outputs) == 1:
+                out_key = next(iter(outputs))
+            if out_key is None:
+                raise ModuleError(f"module signature {name!r} has outputs {sorted(outputs)}: cannot tell which is the feature vector")
+            return (lambda x: signature(**{input_name: x})[out_key]), spec
+    raise ModuleError("module has neither a callable __call__ nor a 'default' / 'serving_default' signature")
+
+
+def resolve_input_spec(spec, image_size: int | None) -> InputSpec:
+    """The module's fixed size, or the user's size for a variable-size module."""
+    shape = list(spec.shape)
+    if len(shape) != 4 or shape[-1] not in (3, None):
+        raise ModuleError(f"module input has shape {shape}: an image module taking [batch, height, width, 3] is needed")
+    if spec.dtype != _tf().float32:
+        raise ModuleError(f"module input has dtype {spec.dtype.name}: a float32 image module is needed")
+    height, width = shape[1], shape[2]
+    if height is None or width is None:
+        if image_size is None:
+            raise ModuleError("module accepts any image size: pass --image-size (e.g. 224)")
+        return InputSpec(image_size, image_size)
+    if image_size is not None and (image_size, image_size) != (height, width):
+        raise ModuleError(f"module needs {height}x{width} images, but --image-size {image_size} was given")
+    return InputSpec(int(height), int(width))
+
+
+def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False) -> LoadedModule:
+    """Resolve, load and check a feature-vector module."""
+    path = resolve_handle(str(handle), allow_unversioned)
+    tf = _tf()
+    try:
+        obj = tf.saved_model.load(str(path))
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ModuleError(f"module {handle} cannot be loaded as a SavedModel: {first}") from None
+    call, spec = _call_and_spec(obj)
+    input_spec = resolve_input_spec(spec, image_size)
+    traced = tf.function(call, input_signature=[tf.TensorSpec([None, input_spec.height, input_spec.width, 3], tf.float32)])
+    probe = np.zeros((2, input_spec.height, input_spec.width, 3), np.float32)
+    try:
+        output = traced(tf.constant(probe))
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:200]
+        raise ModuleError(f"module {handle} failed on a {input_spec.height}x{input_spec.width} image batch: {first}") from None
+    if isinstance(output, dict):
+        raise ModuleError(f"module {handle} returns a dict {sorted(output)}: a feature_vector module is needed")
+    shape = list(output.shape)
+    if len(shape) != 2:
+        raise ModuleError(
+            f"module {handle} outputs shape {shape}, not a feature vector [batch, dim]: "
+            "use a feature_vector module (spatially pooled)"
+        )
+    if shape[1] in CLASSIFIER_OUTPUT_DIMS:
+        raise ModuleError(
+            f"module {handle} outputs {shape[1]} values per image, which looks like classification logits: "
+            "a feature_vector module is needed"
+        )
+    info = ModuleInfo(
+        handle=str(handle),
+        path=str(path),
+        fingerprint=fingerprint(path),
+        input_spec=input_spec,
+        feature_dim=int(shape[1]),
+        trainable_variables=len(getattr(obj, "trainable_variables", []) or []),
+    )
+    return LoadedModule(info, obj, traced)

@@ -1,0 +1,45 @@
+"""The one progress-bar helper: tqdm on stderr, silenced by the caller (``--quiet`` / ``--json``)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from tqdm import tqdm
+
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn every progress bar of this process on or off (the CLI calls this once)."""
+    global _enabled
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def bar(total: int | None = None, desc: str = "", unit: str = "it") -> tqdm:
+    """A progress bar on stderr; a disabled one (that still counts) when progress is off."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not _enabled,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+@contextlib.contextmanager
+def silenced():
+    """Turn progress off for the duration of a block."""
+    global _enabled
+    previous = _enabled
+    _enabled = False
+    try:
+        yield
+    finally:
+        _enabled = previous

@@ -1,0 +1,103 @@
+"""Module handles: local folders, trust policy, hub cache, input spec and output checks."""
+
+import hashlib
+import shutil
+
+import pytest
+
+from retrain.errors import ModuleError
+from retrain.module import check_trusted, fingerprint, load_module
+from tiny_modules import save_tiny_module
+
+
+def test_local_module_spec_and_fingerprint(tiny_module):
+    loaded = load_module(tiny_module)
+    assert (loaded.info.input_spec.height, loaded.info.input_spec.width) == (32, 32)
+    assert loaded.info.feature_dim == 8
+    assert loaded.info.fingerprint == fingerprint(tiny_module)
+
+
+def test_fingerprint_follows_content_not_location(tiny_module, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_module, copy)
+    assert fingerprint(copy) == fingerprint(tiny_module)
+    (copy / "variables" / "variables.data-00000-of-00001").write_bytes(b"changed")
+    assert fingerprint(copy) != fingerprint(tiny_module)
+
+
+def test_variable_size_module_needs_image_size(tmp_path):
+    path = save_tiny_module(tmp_path / "any", variable_size=True)
+    with pytest.raises(ModuleError, match="--image-size"):
+        load_module(path)
+    assert load_module(path, image_size=48).info.input_spec.height == 48
+
+
+def test_fixed_size_module_rejects_other_size(tiny_module):
+    with pytest.raises(ModuleError, match="needs 32x32 images, but --image-size 64"):
+        load_module(tiny_module, image_size=64)
+
+
+def test_classifier_logits_are_refused(tmp_path):
+    path = save_tiny_module(tmp_path / "logits", output="logits")
+    with pytest.raises(ModuleError, match="feature_vector module is needed"):
+        load_module(path)
+
+
+def test_feature_map_is_refused(tmp_path):
+    path = save_tiny_module(tmp_path / "map", output="map")
+    with pytest.raises(ModuleError, match=r"not a feature vector \[batch, dim\]"):
+        load_module(path)
+
+
+def test_missing_and_non_savedmodel_folders(tmp_path):
+    with pytest.raises(ModuleError, match="does not exist"):
+        load_module(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModuleError, match="is not a SavedModel"):
+        load_module(str(tmp_path / "empty"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModuleError, match="is not a folder"):
+        load_module(str(tmp_path / "file"))
+
+
+def test_corrupt_saved_model(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "saved_model.pb").write_bytes(b"not a protobuf")
+    with pytest.raises(ModuleError, match="cannot be loaded as a SavedModel"):
+        load_module(str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize(
+    "handle, message",
+    [
+        ("https://evil.example.com/m/1", "not trusted"),
+        ("ftp://tfhub.dev/google/x/1", "only https URLs"),
+        ("https://tfhub.dev/google/imagenet/mobilenet_v2_035_224/feature_vector", "names no version"),
+        ("https://www.kaggle.com/models/google/mobilenet-v2/tensorFlow2/035-224-feature-vector", "names no version"),
+    ],
+)
+def test_trust_policy(handle, message):
+    with pytest.raises(ModuleError, match=message):
+        check_trusted(handle)
+
+
+def test_versioned_urls_are_trusted():
+    check_trusted("https://tfhub.dev/google/imagenet/mobilenet_v2_035_224/feature_vector/5")
+    check_trusted("https://www.kaggle.com/models/google/mobilenet-v2/tensorFlow2/035-224-feature-vector/2")
+    check_trusted("https://tfhub.dev/google/imagenet/mobilenet_v2_035_224/feature_vector", allow_unversioned=True)
+
+
+def test_uncached_url_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hub"))
+    with pytest.raises(ModuleError, match="cannot download module .*TFHUB_CACHE_DIR|cannot download module .*hub"):
+        load_module("https://tfhub.dev/google/imagenet/mobilenet_v2_035_224/feature_vector/5")
+
+
+def test_url_in_hub_cache_loads_offline(tiny_module, tmp_path, monkeypatch):
+    handle = "https://tfhub.dev/google/imagenet/mobilenet_v2_035_224/feature_vector/5"
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+    shutil.copytree(tiny_module, cache / hashlib.sha1(handle.encode("utf8")).hexdigest())
+    loaded = load_module(handle)
+    assert loaded.info.handle == handle
+    assert loaded.info.fingerprint == fingerprint(tiny_module)
