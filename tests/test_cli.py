@@ -1,0 +1,141 @@
+"""The command line: JSON contract, one-line errors and exit codes, thin wrappers over the API."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from retrain.cli import main
+
+FAST = ["--epochs", "40", "--learning-rate", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def cli_out(tiny_module, colour_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    cache = tmp_path_factory.mktemp("cli-cache")
+    result = CliRunner().invoke(
+        main,
+        ["train", str(colour_dir), "--module", tiny_module, "--output", str(out), "--cache-dir", str(cache), "--json", *FAST],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    return out, cache, result
+
+
+def test_train_json_is_the_only_stdout(cli_out):
+    _, _, result = cli_out
+    data = json.loads(result.stdout)  # fails if anything but JSON is on stdout
+    for key in ("classes", "split", "metrics", "timings", "cache", "skipped", "artifacts"):
+        assert key in data
+    assert data["classes"] == ["blue", "green", "red"]
+    assert set(data["timings"]) >= {"scan", "bottlenecks", "train", "export"}
+    assert data["cache"]["misses"] == 30
+    assert data["metrics"]["test"]["accuracy"] == 1.0
+
+
+def test_second_identical_run_hits_the_cache(cli_out, tiny_module, colour_dir):
+    out, cache, _ = cli_out
+    result = CliRunner().invoke(
+        main,
+        ["train", str(colour_dir), "--module", tiny_module, "--output", str(out), "--cache-dir", str(cache), "--json", *FAST],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["cache"]["hits"], data["cache"]["misses"]) == (30, 0)
+
+
+def test_human_output_names_accuracy_and_paths(tiny_module, colour_dir, tmp_path):
+    out = tmp_path / "human"
+    result = CliRunner().invoke(
+        main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(out), "--cache-dir", str(tmp_path / "c"), "-q", *FAST],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0
+    assert "test accuracy: 1.0000" in result.stdout
+    assert f"model: {out}" in result.stdout
+    assert str(out / "model.tflite") in result.stdout
+
+
+def test_evaluate_json(cli_out, colour_dir):
+    out, _, _ = cli_out
+    result = CliRunner().invoke(main, ["evaluate", str(out / "model.tflite"), str(colour_dir), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["n_images"] == 30 and data["classes"] == ["blue", "green", "red"]
+    assert set(data["per_class"]["red"]) == {"precision", "recall", "f1", "support"}
+    assert len(data["confusion_matrix"]) == 3 and sum(map(sum, data["confusion_matrix"])) == 30
+    assert data["skipped"] == []
+
+
+def test_evaluate_table(cli_out, colour_dir):
+    out, _, _ = cli_out
+    result = CliRunner().invoke(main, ["evaluate", str(out), str(colour_dir)], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert "accuracy" in result.stdout and "confusion matrix" in result.stdout
+
+
+def test_predict_json_lines(cli_out, colour_dir, tmp_path):
+    out, _, _ = cli_out
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    image = next((colour_dir / "blue").iterdir())
+    result = CliRunner().invoke(main, ["predict", str(out), str(image), str(broken), "--top-k", "2", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["top"][0]["class"] == "blue" and len(lines[0]["top"]) == 2
+    assert lines[1]["error"] and lines[1]["top"] == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "{missing}", "--module", "{module}", "--output", "{tmp}/o"], "does not exist"),
+        (["train", "{data}", "--module", "{tmp}/nomodule", "--output", "{tmp}/o"], "does not exist"),
+        (["train", "{data}", "--module", "https://evil.example.com/m/1", "--output", "{tmp}/o"], "not trusted"),
+        (["train", "{data}", "--module", "{module}", "--output", "{tmp}/o", "--test-percent", "95"], "leave images for training"),
+        (["evaluate", "{tmp}/nomodel", "{data}"], "does not exist"),
+        (["predict", "{tmp}/nomodel.tflite", "x.jpg"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line_exit_1(args, message, tiny_module, colour_dir, tmp_path):
+    values = {"missing": str(tmp_path / "missing"), "module": tiny_module, "tmp": str(tmp_path), "data": str(colour_dir)}
+    result = CliRunner().invoke(main, [a.format(**values) for a in args])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_error_is_exit_2():
+    result = CliRunner().invoke(main, ["train", "--epochs", "x"])
+    assert result.exit_code == 2
+
+
+def test_module_inspect_and_cache_commands(tiny_module, cli_out):
+    _, cache, _ = cli_out
+    runner = CliRunner()
+    result = runner.invoke(main, ["module", "inspect", tiny_module, "--json"], catch_exceptions=False)
+    assert json.loads(result.stdout)["feature_dim"] == 8
+    info = json.loads(runner.invoke(main, ["cache", "info", "--cache-dir", str(cache), "--json"]).stdout)
+    assert info["entries"][0]["vectors"] == 30
+    cleared = runner.invoke(main, ["cache", "clear", "--cache-dir", str(cache), "--yes"])
+    assert cleared.exit_code == 0
+    assert json.loads(runner.invoke(main, ["cache", "info", "--cache-dir", str(cache), "--json"]).stdout)["entries"] == []
+
+
+def test_help_does_not_import_tensorflow():
+    code = "import sys; from retrain.cli import main; sys.argv=['retrain','--help']\ntry: main()\nexcept SystemExit: pass\nprint('tensorflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("False")
+
+
+@pytest.mark.subprocess
+def test_console_script_and_module_entry_point(tmp_path):
+    for command in ([sys.executable, "-m", "retrain", "--version"],):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0 and "retrain" in result.stdout

@@ -1,0 +1,82 @@
+"""End to end on real data with the real module, through the README's own commands.
+
+Marked ``realdata``: these read ../shared/data (RETRAIN_SHARED_DATA) and fail, not skip, when it
+is missing.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA
+
+pytestmark = pytest.mark.realdata
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- tested by tests/test_realdata.py: each", 1)[1].split("```", 2)[1]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("retrain ")]
+
+
+def run(command: str, out: Path, cache: Path) -> subprocess.CompletedProcess:
+    command = command.replace("../shared/data", str(SHARED_DATA)).replace("out/", f"{out}/")
+    args = shlex.split(command)
+    env = {**os.environ, "RETRAIN_CACHE_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-m", "retrain", *args[1:]], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_readme_quick_start_on_cats_and_dogs(real_data, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    commands = readme_commands()
+    assert [c.split()[1] for c in commands] == ["train", "evaluate", "evaluate", "predict"]
+
+    first = run(commands[0], out, cache)
+    assert first.returncode == 0, first.stderr
+    trained = json.loads(first.stdout)
+    assert trained["classes"] == ["cats", "dogs"]
+    assert trained["cache"]["misses"] == 2000
+    assert trained["metrics"]["test"]["accuracy"] >= 0.90
+    assert trained["metrics"]["tflite"]["float32"]["agreement"] >= 0.995
+    assert trained["skipped"] == []
+
+    evaluated = run(commands[1], out, cache)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["n_images"] == 1000 and report["accuracy"] >= 0.90
+
+    tflite = run(commands[2], out, cache)
+    assert tflite.returncode == 0, tflite.stderr
+    accuracy = float(re.search(r"accuracy (\d\.\d+) on 1000 images", tflite.stdout).group(1))
+    assert accuracy >= 0.90 and abs(accuracy - report["accuracy"]) <= 0.005
+
+    predicted = run(commands[3], out, cache)
+    assert predicted.returncode == 0, predicted.stderr
+    assert re.match(r".*cat\.2000\.jpg: cats \d\.\d{4}, dogs \d\.\d{4}$", predicted.stdout.strip())
+
+    second = run(commands[0], out, cache)
+    assert second.returncode == 0, second.stderr
+    again = json.loads(second.stdout)
+    assert (again["cache"]["hits"], again["cache"]["misses"]) == (2000, 0)
+    assert again["timings"]["bottlenecks"] * 20 <= trained["timings"]["bottlenecks"]
+    assert again["metrics"]["test"]["accuracy"] == trained["metrics"]["test"]["accuracy"]
+
+
+def test_readme_python_example(real_data, tmp_path):
+    text = (ROOT / "README.md").read_text()
+    code = text.split("<!-- tested by tests/test_realdata.py: this block", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace("../shared/data", str(SHARED_DATA)).replace('"out/', f'"{tmp_path}/out/')
+    env = {**os.environ, "RETRAIN_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert float(lines[0].split()[0]) >= 0.8  # test accuracy on the drawn shapes
+    assert "'misses': 90" in lines[0]
+    assert lines[-1].startswith("sample_data/circle/circle_000.jpg [{'class': ")
+    assert (tmp_path / "out" / "shapes" / "model.tflite").exists()
