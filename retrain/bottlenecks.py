@@ -143,7 +143,7 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
         return result
     spec = module.info.input_spec
 
-    @tf.function(input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)])
+    @tf.function(input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)], autograph=False)
     def forward(batch):
         return module.features(to_module_input(batch, spec.value_range))
 

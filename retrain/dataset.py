@@ -168,9 +168,14 @@ def scan_folder(image_dir: str | os.PathLike, classes: list[str] | None = None, 
     return scan
 
 
+def _subject(relpath: str) -> str:
+    """The part of the path that is hashed: photos named ``x_nohash_<anything>`` share ``x``."""
+    return re.sub(r"_nohash_.*$", "", relpath)
+
+
 def _bucket(relpath: str) -> float:
     """Percentage in [0, 100] from the file's path (retrain.py's ``which_set`` hash)."""
-    hash_name = re.sub(r"_nohash_.*$", "", relpath)
+    hash_name = _subject(relpath)
     digest = hashlib.sha1(hash_name.encode("utf-8")).hexdigest()
     return (int(digest, 16) % (_MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / _MAX_NUM_IMAGES_PER_CLASS)
 
@@ -216,19 +221,26 @@ def split_dataset(
                 f"class folder {Path(main.root) / name} has {what}: at least {needed} are needed "
                 f"to have one each in {', '.join(s for s, p in zip(SPLITS, (100, val_pct, test_pct)) if p > 0)}"
             )
-        # Every class gets at least one validation and one test image (and keeps one to train on).
-        for target, pct in (("validation", val_pct), ("test", test_pct)):
+        # Every class gets at least one image in each split in use: an empty split takes one from
+        # train when train can spare it, else from the fullest split (the hash may have sent two
+        # of three images to test). A whole _nohash_ subject moves when its split keeps another.
+        for target, pct in (("train", 100.0), ("validation", val_pct), ("test", test_pct)):
             if pct <= 0 or any(assignment[i.content_hash] == target for i in members):
                 continue
-            train_members = [i for i in members if assignment[i.content_hash] == "train"]
-            train_groups = {i.content_hash for i in train_members}
-            if len(train_groups) < 2:
+            by_split = {s: [i for i in members if assignment[i.content_hash] == s] for s in SPLITS if s != target}
+            donor = max(by_split, key=lambda s: (s == "train" and len(by_split[s]) >= 2, len(by_split[s])))
+            donors = by_split[donor]
+            if len({i.content_hash for i in donors}) < 2:
                 raise DatasetError(
                     f"class folder {Path(main.root) / name} has too few distinct images to split "
                     f"into {', '.join(SPLITS)}: add more images"
                 )
-            chosen = min(train_members, key=lambda i: (_bucket(group_key[i.content_hash]), i.relpath))
-            assignment[chosen.content_hash] = target
+            chosen = min(donors, key=lambda i: (_bucket(group_key[i.content_hash]), i.relpath))
+            moving = [i for i in donors if _subject(i.relpath) == _subject(chosen.relpath)]
+            if len(moving) == len(donors):
+                moving = [chosen]
+            for image in moving:
+                assignment[image.content_hash] = target
 
     for image in main.images:
         getattr(split, assignment[image.content_hash]).append(image)

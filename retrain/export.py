@@ -43,11 +43,12 @@ def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_pat
             self.head_bias = tf.Variable(bias, trainable=False, name="head_bias")
             self.labels = tf.saved_model.Asset(labels_path)
             self.serve = tf.function(
-                self._serve, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
+                self._serve, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")], autograph=False
             )
             self.serve_fixed = tf.function(
                 self._probabilities,
                 input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8, name="images")],
+                autograph=False,
             )
 
         def _probabilities(self, images):

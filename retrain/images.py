@@ -26,7 +26,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold, applied to both decoders
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 # Bump when the pixels produced for a given file and size change: it is part of the cache key.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,14 @@ def decode_with_pillow(data: bytes) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 grey = np.asarray(image, dtype=np.uint32)
-                scaled = (grey >> 8) if grey.max(initial=0) > 255 else grey
-                return np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                sixteen_bit = image.mode.startswith("I;16") or grey.max(initial=0) > 255
+                scaled = (grey >> 8) if sixteen_bit else grey
+                pixels = np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
+                key = image.info.get("transparency")
+                if isinstance(key, int):  # PNG colour key (tRNS): transparent, so white
+                    pixels[grey == key] = BACKGROUND
+                return pixels
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
                 canvas.alpha_composite(rgba)

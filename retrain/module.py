@@ -198,7 +198,9 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
         raise ModuleError(f"module {handle} cannot be loaded as a SavedModel: {first}") from None
     call, spec = _call_and_spec(obj)
     input_spec = resolve_input_spec(spec, image_size)
-    traced = tf.function(call, input_signature=[tf.TensorSpec([None, input_spec.height, input_spec.width, 3], tf.float32)])
+    traced = tf.function(
+        call, input_signature=[tf.TensorSpec([None, input_spec.height, input_spec.width, 3], tf.float32)], autograph=False
+    )
     probe = np.zeros((2, input_spec.height, input_spec.width, 3), np.float32)
     try:
         output = traced(tf.constant(probe))
