@@ -25,11 +25,13 @@ from .errors import ConfigError, DatasetError, ModelError, OutputError
 from .evaluate import Evaluation, Prediction, classification_metrics, evaluate_runner, predict_runner, run_on_files
 from .export import LABELS_FILE, TFLITE_FORMATS, build_serving_model, export_tflite, save_serving_model, tflite_format
 from .head import train_head
+from .card import model_card
 from .images import iter_image_batches
 from .module import load_module
 from .runner import SavedModelRunner, TFLiteRunner, load_model, read_run_info
 
 RUN_FILE = "run.json"
+MODEL_CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 SAVED_MODEL_DIR = "saved_model"
 
@@ -131,21 +133,90 @@ def _representative_images(images, spec, count: int, seed: int, batch_size: int)
     return [] if pixels is None else list(pixels)
 
 
+LATENCY_IMAGES = 50  # single-image invokes timed per TFLite file
+
+
 def check_tflite(tflite_path: Path, reference_probabilities: np.ndarray, pixels: np.ndarray, labels: np.ndarray) -> dict:
-    """Run a TFLite file on the test pixels: accuracy, top-1 agreement with the SavedModel, size, latency."""
+    """Run a TFLite file on the test pixels: accuracy, top-1 agreement with the SavedModel, size,
+    and mean latency of single-image invokes on one CPU thread (as on a phone's one core)."""
     runner = TFLiteRunner(tflite_path)
-    started = time.perf_counter()
     probabilities = runner.predict(pixels)
-    seconds = time.perf_counter() - started
     predicted = probabilities.argmax(axis=1)
+    single = TFLiteRunner(tflite_path, num_threads=1)
+    sample = pixels[:LATENCY_IMAGES]
+    single.predict(sample[:1])  # warm-up: delegate preparation and first allocation
+    started = time.perf_counter()
+    for image in sample:
+        single.predict(image[None])
+    latency = (time.perf_counter() - started) / len(sample)
     return {
         "file": tflite_path.name,
         "size_bytes": tflite_path.stat().st_size,
         "accuracy": float((predicted == labels).mean()),
         "agreement": float((predicted == reference_probabilities.argmax(axis=1)).mean()),
         "max_abs_diff": float(np.abs(probabilities - reference_probabilities).max()),
-        "ms_per_image": 1000.0 * seconds / len(pixels),
+        "ms_per_image": round(1000.0 * latency, 3),
+        "latency_threads": 1,
         "n_images": int(len(pixels)),
+    }
+
+
+@dataclass
+class _TestSet:
+    images: list
+    pixels: np.ndarray | None
+    labels: np.ndarray | None
+    reference: np.ndarray | None  # SavedModel probabilities
+
+
+def _test_set(saved_model_dir: Path, test_images, spec, batch_size: int) -> _TestSet:
+    images, pixels = _load_pixels(test_images, spec, batch_size)
+    if pixels is None:
+        return _TestSet(images, None, None, None)
+    reference = SavedModelRunner(saved_model_dir).predict(pixels)
+    return _TestSet(images, pixels, np.asarray([i.label for i in images], np.int64), reference)
+
+
+def write_tflite_variants(saved_model_dir: Path, directory: Path, formats, classes, representative, test: _TestSet,
+                          max_accuracy_drop: float, metadata: dict) -> tuple[dict, dict, list[str]]:
+    """Convert each format, then check it on the test split at once. Returns (paths, figures, warnings)."""
+    paths, figures, warnings = {}, {}, []
+    for name in formats:
+        fmt = TFLITE_FORMATS[name]
+        path = export_tflite(saved_model_dir, directory / fmt.filename, name, classes, representative, metadata)
+        paths[name] = path
+        if test.pixels is not None:
+            figures[name] = check_tflite(path, test.reference, test.pixels, test.labels)
+    baseline = figures.get("float32")
+    for name, row in figures.items():
+        if baseline is not None and name != "float32":
+            drop = 100.0 * (baseline["accuracy"] - row["accuracy"])
+            row["accuracy_drop_points"] = round(drop, 3)
+            if drop > max_accuracy_drop:
+                warnings.append(
+                    f"TFLITE {name.upper()} LOSES {drop:.1f} ACCURACY POINTS against float32 "
+                    f"({row['accuracy']:.4f} vs {baseline['accuracy']:.4f}, threshold {max_accuracy_drop:g}): "
+                    f"check {row['file']} before shipping it"
+                )
+        if row["agreement"] < TFLITE_FORMATS[name].agreement_tolerance:
+            warnings.append(
+                f"tflite {name} agrees with the SavedModel on only {100 * row['agreement']:.1f}% of test images "
+                f"(expected at least {100 * TFLITE_FORMATS[name].agreement_tolerance:.1f}%)"
+            )
+    return paths, figures, warnings
+
+
+def _tflite_metadata(info, classes) -> dict:
+    spec = info.input_spec
+    return {
+        "name": "retrain image classifier",
+        "description": f"Classifies {spec.height}x{spec.width} RGB images into {len(classes)} classes "
+                       f"with a new head on module {info.handle} (fingerprint {info.fingerprint[:16]}).",
+        "version": __version__,
+        "height": spec.height,
+        "width": spec.width,
+        "input_description": f"uint8 RGB image, {spec.height}x{spec.width}, resized bilinearly from the original",
+        "output_description": f"probabilities of the {len(classes)} classes in labels.txt order",
     }
 
 
@@ -211,29 +282,27 @@ def train(
         save_serving_model(serving, stage / SAVED_MODEL_DIR)
         artifacts = {"saved_model": str(output / SAVED_MODEL_DIR), "labels": str(output / LABELS_FILE)}
 
-        test_images, test_pixels = _load_pixels(split.test, spec, config.extract_batch_size)
-        reference = None
-        if test_pixels is not None:
-            reference = SavedModelRunner(stage / SAVED_MODEL_DIR).predict(test_pixels)
-            test_labels = np.asarray([i.label for i in test_images], np.int64)
-            metrics["test"] = classification_metrics(test_labels, reference.argmax(1), split.classes)
+        test = _test_set(stage / SAVED_MODEL_DIR, split.test, spec, config.extract_batch_size)
+        if test.pixels is not None:
+            metrics["test"] = classification_metrics(test.labels, test.reference.argmax(1), split.classes)
             metrics["test"]["source"] = "saved_model"
 
-        representative = None
         formats = ["float32"] + [f for f in config.quantize if f != "float32"]
+        representative = None
         if any(TFLITE_FORMATS[f].needs_representative for f in formats):
             representative = _representative_images(split.train, spec, config.calibration_samples, config.seed, config.extract_batch_size)
-        metrics["tflite"] = {}
-        for name in formats:
-            fmt = TFLITE_FORMATS[name]
-            path = export_tflite(stage / SAVED_MODEL_DIR, stage / fmt.filename, name, split.classes, representative)
-            artifacts[f"tflite_{name}"] = str(output / fmt.filename)
-            if reference is not None:
-                metrics["tflite"][name] = check_tflite(path, reference, test_pixels, test_labels)
+        tflite_metadata = _tflite_metadata(loaded.info, split.classes)
+        paths, metrics["tflite"], tflite_warnings = write_tflite_variants(
+            stage / SAVED_MODEL_DIR, stage, formats, split.classes, representative, test, config.max_accuracy_drop, tflite_metadata
+        )
+        split.warnings.extend(tflite_warnings)
+        for name, path in paths.items():
+            artifacts[f"tflite_{name}"] = str(output / path.name)
         timings["export"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - started
 
         artifacts["run"] = str(output / RUN_FILE)
+        artifacts["model_card"] = str(output / MODEL_CARD_FILE)
         artifacts["metrics"] = str(output / METRICS_FILE)
         result = TrainResult(
             output=str(output),
@@ -264,12 +333,14 @@ def train(
             "split": result.split,
             "split_per_class": result.split_per_class,
             "head": result.head,
+            "metrics_file": METRICS_FILE,
             "cache": {"hits": bottlenecks.hits, "misses": bottlenecks.misses},
             "skipped": skipped,
             "versions": _package_versions(),
         }
         (stage / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        (stage / MODEL_CARD_FILE).write_text(model_card(run, metrics))
     return result
 
 
@@ -288,8 +359,13 @@ def predict(model: str | os.PathLike, images, top_k: int = 1, batch_size: int = 
 
 
 def export(output: str | os.PathLike, formats=("float32",), representative_dir: str | os.PathLike | None = None,
-           calibration_samples: int | None = None) -> dict:
-    """(Re)write TFLite variants of an output folder from its SavedModel; returns {format: path}."""
+           calibration_samples: int | None = None, max_accuracy_drop: float | None = None) -> dict:
+    """(Re)write TFLite variants of an output folder from its SavedModel, check each on the run's
+    test split (recomputed from run.json: the split is stable) and update metrics.json and the
+    model card. Returns {"artifacts": {format: path}, "tflite": {format: figures}, "warnings": [...]}."""
+    from .dataset import scan_folder
+    from .module import InputSpec, ModuleInfo
+
     output = Path(output).expanduser()
     run = read_run_info(output)
     saved_model = output / SAVED_MODEL_DIR
@@ -297,27 +373,68 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
         raise ModelError(f"{output} has no {SAVED_MODEL_DIR}/: not a retrain output folder")
     classes = run["classes"]
     fmts = [tflite_format(f) for f in formats]
+    config = run["config"]
+    spec_data = run["module"]["input_spec"]
+    spec = InputSpec(**{**spec_data, "value_range": tuple(spec_data["value_range"])})
+    info = ModuleInfo(**{**run["module"], "input_spec": spec})
     representative = None
     if any(f.needs_representative for f in fmts):
-        from .dataset import scan_folder
-        from .module import InputSpec
-
-        spec = InputSpec(**{**run["module"]["input_spec"], "value_range": tuple(run["module"]["input_spec"]["value_range"])})
         source = representative_dir or run["image_dir"]
         scan = scan_folder(source, classes=classes, role="representative folder")
         if not scan.images:
             raise DatasetError(f"representative folder {scan.root} has no usable images")
-        count = calibration_samples or run["config"].get("calibration_samples", 200)
-        representative = _representative_images(scan.images, spec, count, run["config"].get("seed", 0), 64)
-    written = {}
-    for fmt in fmts:
-        final = output / fmt.filename
-        temporary = output / f".{fmt.filename}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            export_tflite(saved_model, temporary, fmt.name, classes, representative)
-            os.replace(temporary, final)
-        finally:
-            if temporary.exists():
-                temporary.unlink()
-        written[fmt.name] = str(final)
-    return written
+        count = calibration_samples or config.get("calibration_samples", 200)
+        representative = _representative_images(scan.images, spec, count, config.get("seed", 0), 64)
+    test_images = []
+    if Path(run["image_dir"]).is_dir():
+        split = split_dataset(run["image_dir"], config["validation_percent"], config["test_percent"],
+                              config.get("validation_dir"), config.get("test_dir"))
+        test_images = split.test
+    test = _test_set(saved_model, test_images, spec, 64) if test_images else _TestSet([], None, None, None)
+    threshold = config.get("max_accuracy_drop", 2.0) if max_accuracy_drop is None else max_accuracy_drop
+    metrics_path = output / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    with tempfile_dir(output) as stage:
+        paths, figures, warnings = write_tflite_variants(
+            saved_model, stage, [f.name for f in fmts], classes, representative, test, threshold, _tflite_metadata(info, classes)
+        )
+        if "float32" not in figures and "float32" in metrics.get("tflite", {}):
+            baseline = metrics["tflite"]["float32"]["accuracy"]
+            for name, row in figures.items():
+                drop = 100.0 * (baseline - row["accuracy"])
+                row["accuracy_drop_points"] = round(drop, 3)
+                if drop > threshold:
+                    warnings.append(f"TFLITE {name.upper()} LOSES {drop:.1f} ACCURACY POINTS against float32 "
+                                    f"(threshold {threshold:g}): check {row['file']} before shipping it")
+        written = {}
+        for name, path in paths.items():
+            final = output / path.name
+            os.replace(path, final)
+            written[name] = str(final)
+    if not test_images:
+        warnings.append(f"training folder {run['image_dir']} is gone: the new files were not checked on the test split")
+    metrics.setdefault("tflite", {}).update(figures)
+    _write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    _write_atomic(output / MODEL_CARD_FILE, model_card(run, metrics))
+    return {"artifacts": written, "tflite": figures, "warnings": warnings}
+
+
+class tempfile_dir:
+    """A hidden scratch folder inside ``parent``, removed on exit."""
+
+    def __init__(self, parent: Path):
+        self.path = parent / f".export-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.path.mkdir()
+        return self.path
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    temporary.write_text(text)
+    os.replace(temporary, path)

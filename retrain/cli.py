@@ -44,11 +44,19 @@ def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _notes(items, quiet: bool) -> None:
-    if quiet:
+def _loud(warnings) -> None:
+    """Warnings go to stderr in every mode: a quantized file that lost accuracy must not pass unseen."""
+    for line in warnings:
+        click.secho(f"WARNING: {line}", err=True, fg="yellow", bold=True)
+
+
+def _tflite_table(figures: dict) -> None:
+    if not figures:
         return
-    for line in items:
-        click.echo(f"note: {line}", err=True)
+    click.echo(f"{'tflite':<8} {'file':<22} {'size MB':>8} {'accuracy':>9} {'agreement':>10} {'ms/image':>9}")
+    for name, row in figures.items():
+        click.echo(f"{name:<8} {row['file']:<22} {row['size_bytes'] / 1e6:8.2f} {row['accuracy']:9.4f} "
+                   f"{row['agreement']:10.4f} {row['ms_per_image']:9.2f}")
 
 
 @click.group(cls=RetrainGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,7 +87,10 @@ def main():
 @click.option("--image-size", type=int, help="Input size for modules that accept any size (or to check a fixed one).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Bottleneck cache folder [default: ~/.cache/retrain].")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
-@click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), multiple=True, help="Extra TFLite variant(s) beside float32 (repeatable).")
+@click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), multiple=True,
+              help="TFLite variant(s) beside float32, repeatable; 'none' for float32 only.  [default: int8]")
+@click.option("--max-accuracy-drop", type=float, default=DEFAULTS.max_accuracy_drop, show_default=True,
+              help="Accuracy points a quantized file may lose against float32 before a warning.")
 @click.option("--calibration-samples", type=int, default=DEFAULTS.calibration_samples, show_default=True, help="Training images used to calibrate int8.")
 @click.option("--allow-unversioned", is_flag=True, help="Accept a URL handle that names no version.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that is not a retrain output.")
@@ -89,12 +100,13 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
     _setup(quiet, as_json)
     from .api import train as run_train
 
-    options["quantize"] = tuple(q for q in quantize if q != "none")
+    if quantize:
+        options["quantize"] = tuple(q for q in quantize if q != "none")
     result = run_train(image_dir, module, output, overwrite=overwrite, **options)
+    _loud(result.warnings)
     if as_json:
         _emit_json(result.to_dict())
         return
-    _notes(result.warnings, quiet)
     if result.skipped and not quiet:
         click.echo(f"note: {len(result.skipped)} file(s) skipped (see run.json):", err=True)
         for item in result.skipped[:10]:
@@ -108,9 +120,7 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
         click.echo(f"validation accuracy: {result.metrics['validation']['accuracy']:.4f}")
     if "test" in result.metrics:
         click.echo(f"test accuracy: {result.metrics['test']['accuracy']:.4f} (SavedModel, {result.metrics['test']['n_images']} images)")
-    for name, figures in result.metrics.get("tflite", {}).items():
-        click.echo(f"tflite {name}: accuracy {figures['accuracy']:.4f}, agreement with SavedModel "
-                   f"{figures['agreement']:.4f}, {figures['size_bytes'] / 1e6:.2f} MB")
+    _tflite_table(result.metrics.get("tflite", {}))
     click.echo(f"model: {result.output}")
     for name, path in result.artifacts.items():
         click.echo(f"  {name}: {path}")
@@ -120,15 +130,25 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
 @click.argument("model", type=click.Path())
 @click.argument("image_dir", type=click.Path(file_okay=False))
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write a report folder: index.html, confusion matrix PNG/CSV, per-class CSV, confident mistakes.")
 @_output_options
-def evaluate(model, image_dir, batch_size, quiet, as_json):
+def evaluate(model, image_dir, batch_size, report_dir, quiet, as_json):
     """Accuracy, per-class figures and confusion matrix of MODEL (output folder, SavedModel or .tflite) on IMAGE_DIR."""
     _setup(quiet, as_json)
     from .api import evaluate as run_evaluate
 
     result = run_evaluate(model, image_dir, batch_size)
+    written = None
+    if report_dir:
+        from .report import write_report
+
+        written = write_report(result, report_dir)
     if as_json:
-        _emit_json(result.to_dict())
+        data = result.to_dict()
+        if written:
+            data["report"] = written["index"]
+        _emit_json(data)
         return
     click.echo(f"{result.kind} {result.model}: accuracy {result.accuracy:.4f} on {result.n_images} images")
     width = max(len(c) for c in result.classes)
@@ -138,6 +158,10 @@ def evaluate(model, image_dir, batch_size, quiet, as_json):
     click.echo("confusion matrix (rows: true, columns: predicted):")
     for name, row in zip(result.classes, result.confusion_matrix):
         click.echo(f"{name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
+    if result.top_k_accuracy:
+        click.echo("top-k accuracy: " + ", ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in result.top_k_accuracy.items()))
+    if written:
+        click.echo(f"report: {written['index']}")
     if result.skipped and not quiet:
         click.echo(f"note: {len(result.skipped)} file(s) skipped", err=True)
         for item in result.skipped[:10]:
@@ -171,18 +195,21 @@ def predict(model, images, top_k, quiet, as_json):
 @click.option("--format", "formats", type=click.Choice(list(EXPORT_FORMATS)), multiple=True, required=True, help="Repeatable.")
 @click.option("--representative", type=click.Path(file_okay=False), help="Image folder for int8 calibration [default: the training folder].")
 @click.option("--calibration-samples", type=int, help="Images used to calibrate int8 [default: as trained].")
+@click.option("--max-accuracy-drop", type=float, help="Accuracy points a quantized file may lose before a warning [default: as trained].")
 @_output_options
-def export(output, formats, representative, calibration_samples, quiet, as_json):
-    """(Re)write TFLite variants of a retrain OUTPUT folder."""
+def export(output, formats, representative, calibration_samples, max_accuracy_drop, quiet, as_json):
+    """(Re)write TFLite variants of a retrain OUTPUT folder and check each on its test split."""
     _setup(quiet, as_json)
     from .api import export as run_export
 
-    written = run_export(output, [EXPORT_FORMATS[f] for f in formats], representative, calibration_samples)
+    result = run_export(output, [EXPORT_FORMATS[f] for f in formats], representative, calibration_samples, max_accuracy_drop)
+    _loud(result["warnings"])
     if as_json:
-        _emit_json({"artifacts": written})
-    else:
-        for name, path in written.items():
-            click.echo(f"{name}: {path}")
+        _emit_json(result)
+        return
+    _tflite_table(result["tflite"])
+    for name, path in result["artifacts"].items():
+        click.echo(f"{name}: {path}")
 
 
 @main.group()

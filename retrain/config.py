@@ -51,7 +51,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     # export
-    quantize: tuple[str, ...] = ()  # extra TFLite variants beside float32, see export.TFLITE_FORMATS
+    quantize: tuple[str, ...] = ("int8",)  # TFLite variants beside float32, see export.TFLITE_FORMATS
+    max_accuracy_drop: float = 2.0  # points a quantized variant may lose against float32 before a warning
     calibration_samples: int = 200  # training images used to calibrate int8
 
     def __post_init__(self):
@@ -80,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
                               + _did_you_mean(self.optimizer, OPTIMIZERS))
         object.__setattr__(self, "quantize", tuple(self.quantize))
+        if self.max_accuracy_drop < 0:
+            raise ConfigError(f"--max-accuracy-drop must be 0 or more, got {self.max_accuracy_drop}")
 
     @classmethod
     def from_options(cls, **options) -> "TrainConfig":

@@ -57,6 +57,31 @@ def run_on_files(runner, paths: list[str], decoders: list[str], batch_size: int 
 
 
 @dataclass
+class ImageRecord:
+    """One evaluated image: where it is, its true label index, the model's probabilities."""
+
+    path: str
+    label: int
+    probabilities: np.ndarray
+
+    @property
+    def predicted(self) -> int:
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def confidence(self) -> float:
+        return float(np.max(self.probabilities))
+
+
+def top_k_accuracy(labels: np.ndarray, probabilities: np.ndarray, k: int) -> float:
+    """Fraction of images whose true class is among the k most probable."""
+    if len(labels) == 0:
+        return 0.0
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return float((top == np.asarray(labels)[:, None]).any(axis=1).mean())
+
+
+@dataclass
 class Evaluation:
     model: str
     kind: str
@@ -66,10 +91,23 @@ class Evaluation:
     macro_f1: float
     per_class: dict
     confusion_matrix: list
+    top_k_accuracy: dict = field(default_factory=dict)  # {"top_1": ..., "top_5": ...}
     skipped: list[dict] = field(default_factory=list)
+    records: list[ImageRecord] = field(default_factory=list, repr=False)  # per image; not in to_dict()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "records"}
+        return json_safe(data)
+
+
+def json_safe(value):
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def evaluate_runner(runner, image_dir: str | os.PathLike, batch_size: int = 64) -> Evaluation:
@@ -80,11 +118,14 @@ def evaluate_runner(runner, image_dir: str | os.PathLike, batch_size: int = 64) 
     indices, probabilities, skipped = run_on_files(runner, paths, [i.decoder for i in scan.images], batch_size)
     y_true = np.asarray([scan.images[i].label for i in indices], np.int64)
     metrics = classification_metrics(y_true, probabilities.argmax(axis=1), runner.classes)
+    ks = sorted({k for k in (1, 3, 5) if k <= len(runner.classes)})
     return Evaluation(
         model=runner.path,
         kind=runner.kind,
         classes=list(runner.classes),
+        top_k_accuracy={f"top_{k}": top_k_accuracy(y_true, probabilities, k) for k in ks},
         skipped=scan.skipped + [{"path": paths[i], "reason": r} for i, r in skipped],
+        records=[ImageRecord(paths[i], int(y), p) for i, y, p in zip(indices.tolist(), y_true.tolist(), probabilities)],
         **metrics,
     )
 

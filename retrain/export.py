@@ -134,8 +134,10 @@ def export_tflite(
     format_name: str,
     labels: list[str],
     representative: Iterable[np.ndarray] | None = None,
+    metadata: dict | None = None,
 ) -> Path:
-    """Convert the ``serving_fixed`` signature to one TFLite variant, with labels.txt inside."""
+    """Convert the ``serving_fixed`` signature to one TFLite variant, with its labels inside:
+    TFLite metadata (read by on-device tooling) plus labels.txt as a packed associated file."""
     tf = _tf()
     fmt = tflite_format(format_name)
     if fmt.needs_representative and representative is None:
@@ -149,8 +151,14 @@ def export_tflite(
     fmt.configure(converter, representative_dataset)
     flatbuffer = converter.convert()
     destination = Path(destination)
-    destination.write_bytes(flatbuffer)
-    attach_labels(destination, labels)
+    if metadata is not None:
+        from .metadata import add_metadata
+
+        flatbuffer = add_metadata(flatbuffer, labels, **metadata)
+        destination.write_bytes(flatbuffer)
+    else:
+        destination.write_bytes(flatbuffer)
+        attach_labels(destination, labels)
     return destination
 
 

@@ -43,7 +43,15 @@ def test_readme_quick_start_on_cats_and_dogs(real_data, tmp_path):
     assert trained["classes"] == ["cats", "dogs"]
     assert trained["cache"]["misses"] == 2000
     assert trained["metrics"]["test"]["accuracy"] >= 0.90
-    assert trained["metrics"]["tflite"]["float32"]["agreement"] >= 0.995
+    tflite = trained["metrics"]["tflite"]
+    assert tflite["float32"]["agreement"] >= 0.995
+    # int8 is written by default, within a point of float32's accuracy. Its size is 39% of float32
+    # here, not 25%: the 0.35 module has 14k per-channel scales + zero points (~170 KB, a fixed
+    # cost next to 413 KB of int8 weights); per-tensor quantization would shrink that but measured
+    # 0.49 accuracy on cats vs dogs.
+    assert tflite["int8"]["size_bytes"] <= 0.40 * tflite["float32"]["size_bytes"]
+    assert tflite["float32"]["accuracy"] - tflite["int8"]["accuracy"] <= 0.01
+    assert not trained["warnings"]
     assert trained["skipped"] == []
 
     evaluated = run(commands[1], out, cache)

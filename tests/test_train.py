@@ -109,7 +109,7 @@ def test_export_writes_requested_formats(trained, tmp_path):
     _, out, _ = trained
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    written = retrain.export(copy, ["float16", "dynamic"])
+    written = retrain.export(copy, ["float16", "dynamic"])["artifacts"]
     assert set(written) == {"float16", "dynamic"}
     for path in written.values():
         assert read_tflite_labels(path) == ["blue", "green", "red"]

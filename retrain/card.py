@@ -1,0 +1,103 @@
+"""The model card, OUT/README.md: what made the model, how good each file is, how to run it."""
+
+from __future__ import annotations
+
+from .export import TFLITE_FORMATS
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def model_card(run: dict, metrics: dict) -> str:
+    module = run["module"]
+    spec = module["input_spec"]
+    height, width = spec["height"], spec["width"]
+    classes = run["classes"]
+    lines = [
+        "# Image classifier",
+        "",
+        f"Made by `retrain` {run['versions'].get('retrain', '')} on {run['created']}: a new softmax head on a frozen "
+        f"image module, trained on `{run['image_dir']}`.",
+        "",
+        "## Module",
+        "",
+        f"- handle: `{module['handle']}`",
+        f"- fingerprint (SHA-256 of its files): `{module['fingerprint']}`",
+        f"- input: {height}x{width} RGB, values scaled to [{spec['value_range'][0]:g}, {spec['value_range'][1]:g}]"
+        f"; feature vector of {module['feature_dim']} values",
+        "",
+        f"## Classes ({len(classes)})",
+        "",
+        "| index | class | train | validation | test |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for index, name in enumerate(classes):
+        counts = run["split_per_class"].get(name, {})
+        lines.append(f"| {index} | {name} | {counts.get('train', 0)} | {counts.get('validation', 0)} | {counts.get('test', 0)} |")
+    lines += ["", f"Split (stable, by file-name hash): {run['split']['train']} train, {run['split']['validation']} validation, "
+              f"{run['split']['test']} test images.", "", "## Metrics", ""]
+    if "validation" in metrics:
+        lines.append(f"- validation accuracy (head on cached features): {_pct(metrics['validation']['accuracy'])}")
+    if "test" in metrics:
+        lines.append(f"- test accuracy (SavedModel, {metrics['test']['n_images']} images): {_pct(metrics['test']['accuracy'])}")
+    if metrics.get("tflite"):
+        lines += ["", "| file | format | size | test accuracy | agrees with SavedModel | latency (1 thread) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, row in metrics["tflite"].items():
+            lines.append(f"| `{row['file']}` | {TFLITE_FORMATS[name].description} | {row['size_bytes'] / 1e6:.2f} MB | "
+                         f"{_pct(row['accuracy'])} | {_pct(row['agreement'])} | {row['ms_per_image']:.2f} ms |")
+    lines += [
+        "",
+        "## Input and output",
+        "",
+        f"- SavedModel `saved_model/`, signature `serving_default`: `images` uint8 `[batch, height, width, 3]` RGB of any "
+        "size (resized inside the model, bilinear, exactly as in training) -> `probabilities` float32 `[batch, "
+        f"{len(classes)}]` in `labels.txt` order. Signature `serving_fixed` takes images already resized to {height}x{width}.",
+        f"- TFLite files: input uint8 `[1, {height}, {width}, 3]` RGB; the app resizes the image to {height}x{width} "
+        "(bilinear, no crop, aspect ratio not kept) before calling the model. Output: probabilities `[1, "
+        f"{len(classes)}]` (float32; uint8 with scale 1/256 in the int8 file). The labels are inside each file "
+        "(TFLite metadata, output tensor associated file `labels.txt`) and beside it in `labels.txt`.",
+        "",
+        "## Run it",
+        "",
+        "Python (SavedModel):",
+        "",
+        "```python",
+        "import numpy as np, tensorflow as tf",
+        "from PIL import Image",
+        "",
+        'model = tf.saved_model.load("saved_model")',
+        'labels = open("labels.txt").read().splitlines()',
+        'image = np.asarray(Image.open("photo.jpg").convert("RGB"))[None]',
+        'probabilities = model.signatures["serving_default"](images=tf.constant(image))["probabilities"][0].numpy()',
+        "print(labels[int(probabilities.argmax())], float(probabilities.max()))",
+        "```",
+        "",
+        "LiteRT (`pip install ai-edge-litert`):",
+        "",
+        "```python",
+        "import numpy as np",
+        "from PIL import Image",
+        "from ai_edge_litert.interpreter import Interpreter",
+        "",
+        'interpreter = Interpreter(model_path="model.tflite")',
+        "interpreter.allocate_tensors()",
+        "inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]",
+        'labels = open("labels.txt").read().splitlines()',
+        f'image = Image.open("photo.jpg").convert("RGB").resize(({width}, {height}), Image.BILINEAR)',
+        'interpreter.set_tensor(inp["index"], np.asarray(image, np.uint8)[None])',
+        "interpreter.invoke()",
+        'scores = interpreter.get_tensor(out["index"])[0].astype(np.float32)',
+        'if out["dtype"] != np.float32:  # int8 file: dequantize',
+        '    scale, zero_point = out["quantization"]',
+        "    scores = (scores - zero_point) * scale",
+        "print(labels[int(scores.argmax())], float(scores.max()))",
+        "```",
+        "",
+        "Command line: `retrain predict . photo.jpg --top-k 3`, `retrain evaluate model.tflite held_out/ --report report/`.",
+        "",
+        "Full configuration, package versions and skipped files: `run.json`; all figures: `metrics.json`.",
+        "",
+    ]
+    return "\n".join(lines)

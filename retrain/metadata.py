@@ -1,0 +1,438 @@
+"""TFLite metadata for image classifiers: labels and descriptions inside the .tflite file.
+
+On-device tooling (MediaPipe Tasks, the TFLite Support Task Library, Android Studio's ML model
+binding) reads labels from *TFLite metadata*: a ``ModelMetadata`` flatbuffer (file identifier
+``M001``, schema ``metadata_schema.fbs``) stored in a model buffer that the model's ``metadata``
+list names ``TFLITE_METADATA``. The output tensor's metadata lists an associated file
+``labels.txt`` of type ``TENSOR_AXIS_LABELS``, and that file is packed into the .tflite as a zip
+entry appended after the flatbuffer. Interpreters ignore both.
+
+``tflite-support`` (which ships a writer) does not install beside this TensorFlow, and MediaPipe
+is far too heavy a dependency, so the metadata flatbuffer is written here by hand with the
+``flatbuffers`` Builder, following metadata_schema.fbs (field ids checked against MediaPipe's
+generated ``metadata_schema_py_generated``). The model flatbuffer itself is rewritten with
+ai-edge-litert's TFLite schema (object API); reading needs only ``flatbuffers``.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import flatbuffers
+from flatbuffers import number_types as _N
+from flatbuffers.table import Table
+
+METADATA_NAME = "TFLITE_METADATA"  # the model metadata entry on-device tools look for
+METADATA_FILE_IDENTIFIER = b"M001"
+TFLITE_FILE_IDENTIFIER = b"TFL3"
+LABELS_FILE = "labels.txt"
+MIN_PARSER_VERSION = "1.0.0"  # every field written here exists since metadata schema 1.0.0
+INPUT_NAME = "image"
+OUTPUT_NAME = "probability"
+
+# metadata_schema.fbs enums
+TENSOR_AXIS_LABELS = 2  # AssociatedFileType
+RGB = 1  # ColorSpaceType
+FEATURE_PROPERTIES = 1  # ContentProperties union
+IMAGE_PROPERTIES = 2
+
+_ASSOCIATED_FILE_TYPES = {0: "UNKNOWN", 1: "DESCRIPTIONS", 2: "TENSOR_AXIS_LABELS", 3: "TENSOR_VALUE_LABELS",
+                          4: "TENSOR_AXIS_SCORE_CALIBRATION", 5: "VOCABULARY", 6: "SCANN_INDEX_FILE"}
+_COLOR_SPACES = {0: "UNKNOWN", 1: "RGB", 2: "GRAYSCALE"}
+
+# TFLite schema tensor types (schema.fbs TensorType) that the stats below cover
+_FLOAT32, _UINT8, _INT8 = 0, 3, 9
+
+# Buffer.data in schema.fbs is (force_align: 16): the rewritten model keeps every buffer 16-byte aligned
+# (the Python converter's own output was measured not to be; interpreters accept both).
+_BUFFER_ALIGNMENT = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def add_metadata(
+    flatbuffer: bytes,
+    labels: list[str],
+    *,
+    height: int,
+    width: int,
+    name: str,
+    description: str,
+    version: str,
+    input_description: str,
+    output_description: str,
+) -> bytes:
+    """Return a new .tflite (bytes) with TFLite metadata for an image classifier + labels.txt packed inside as a zip entry.
+
+    ``flatbuffer`` is a converted model: one subgraph, one image input [1, height, width, 3] (RGB,
+    uint8 needs no normalization), one output of class scores [1, len(labels)]. A ``TFLITE_METADATA``
+    entry already there is replaced; a zip already appended to the input is dropped (the flatbuffer
+    is rewritten and a new zip holding only labels.txt is appended).
+
+    Raises ImportError when ai-edge-litert (the TFLite schema) is missing; callers may then fall
+    back to a bare zip-appended labels.txt.
+    """
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError as error:
+        raise ImportError(
+            "writing TFLite metadata needs ai-edge-litert (its TFLite flatbuffer schema); "
+            "install ai-edge-litert or pack labels.txt without metadata"
+        ) from error
+    labels = [str(label) for label in labels]
+    if not labels:
+        raise ValueError("labels must not be empty")
+    for label in labels:
+        if not label or "\n" in label or "\r" in label:
+            raise ValueError(f"label {label!r} cannot be written as one line of labels.txt")
+
+    data = bytes(flatbuffer)
+    if data[4:8] != TFLITE_FILE_IDENTIFIER:
+        raise ValueError("not a TFLite flatbuffer (file identifier is not TFL3)")
+    model = _unpack_model(data, schema)
+
+    if not model.subgraphs:
+        raise ValueError("the model has no subgraph")
+    graph = model.subgraphs[0]
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ValueError(
+            f"an image classifier has one input and one output; this model has "
+            f"{len(graph.inputs)} and {len(graph.outputs)}")
+    input_tensor = graph.tensors[graph.inputs[0]]
+    output_tensor = graph.tensors[graph.outputs[0]]
+    output_shape = [int(d) for d in (output_tensor.shape if output_tensor.shape is not None else [])]
+    if output_shape and output_shape[-1] != len(labels):
+        raise ValueError(f"the output has {output_shape[-1]} classes but {len(labels)} labels were given")
+
+    metadata = _build_model_metadata(
+        labels_file=LABELS_FILE,
+        height=int(height),
+        width=int(width),
+        name=name,
+        description=description,
+        version=version,
+        input_description=input_description,
+        output_description=output_description,
+        input_type=int(input_tensor.type),
+        output_type=int(output_tensor.type),
+    )
+
+    buffer = schema.BufferT()
+    buffer.data = metadata
+    model.buffers = list(model.buffers or [])
+    entries = list(model.metadata or [])
+    entries = [entry for entry in entries if _text(entry.name) != METADATA_NAME]
+    old = [int(entry.buffer) for entry in model.metadata or [] if _text(entry.name) == METADATA_NAME]
+    in_use = {int(tensor.buffer) for subgraph in model.subgraphs for tensor in subgraph.tensors or []}
+    in_use |= {int(entry.buffer) for entry in entries}
+    if old and 0 < old[0] < len(model.buffers) and old[0] not in in_use:
+        index = old[0]  # metadata written before: overwrite it in place
+        model.buffers[index] = buffer
+    else:
+        model.buffers.append(buffer)
+        index = len(model.buffers) - 1
+    entry = schema.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = index
+    model.metadata = entries + [entry]
+
+    packed = _pack_model(model, schema)
+    out = io.BytesIO()
+    out.write(packed)
+    with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(LABELS_FILE, "\n".join(labels) + "\n")
+    return out.getvalue()
+
+
+def _text(value) -> str | None:
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
+
+
+def _unpack_model(data: bytes, schema):
+    """The model as a ``ModelT``, everything kept as it is (buffer indices included); data that
+    the converter placed after the flatbuffer (buffer / custom option offsets, used for models
+    over 2 GB) is moved inline, as ai-edge-litert's flatbuffer_utils does."""
+    import numpy as np
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    for buffer in model.buffers or []:
+        if buffer.offset and buffer.offset > 1:
+            buffer.data = np.frombuffer(data, dtype=np.uint8, count=buffer.size, offset=buffer.offset)
+            buffer.offset = 0
+            buffer.size = 0
+    for subgraph in model.subgraphs or []:
+        for op in subgraph.operators or []:
+            if getattr(op, "largeCustomOptionsOffset", 0) and op.largeCustomOptionsOffset > 1:
+                start, size = op.largeCustomOptionsOffset, op.largeCustomOptionsSize
+                op.customOptions = np.frombuffer(data, dtype=np.uint8, count=size, offset=start)
+                op.largeCustomOptionsOffset = 0
+                op.largeCustomOptionsSize = 0
+    return model
+
+
+def _pack_model(model, schema) -> bytes:
+    """Pack a ``ModelT`` with every buffer's data 16-byte aligned (as schema.fbs asks)."""
+    import numpy as np
+
+    class _AlignedBufferT(schema.BufferT):
+        def Pack(self, builder):  # noqa: N802 - flatbuffers' naming
+            data_offset = None
+            if self.data is not None:
+                if isinstance(self.data, (bytes, bytearray, memoryview)):
+                    array = np.frombuffer(self.data, dtype=np.uint8)
+                else:
+                    array = np.ascontiguousarray(np.asarray(self.data, dtype=np.uint8).reshape(-1))
+                builder.StartVector(1, array.size, _BUFFER_ALIGNMENT)
+                builder.head = builder.head - array.size
+                builder.Bytes[builder.head:builder.head + array.size] = array.tobytes()
+                builder.vectorNumElems = array.size
+                data_offset = builder.EndVector()
+            schema.BufferStart(builder)
+            if data_offset is not None:
+                schema.BufferAddData(builder, data_offset)
+            schema.BufferAddOffset(builder, self.offset or 0)
+            schema.BufferAddSize(builder, self.size or 0)
+            return schema.BufferEnd(builder)
+
+    for index, buffer in enumerate(model.buffers):
+        aligned = _AlignedBufferT()
+        aligned.__dict__.update(buffer.__dict__)
+        model.buffers[index] = aligned
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=TFLITE_FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def _build_model_metadata(*, labels_file, height, width, name, description, version, input_description,
+                          output_description, input_type, output_type) -> bytes:
+    """The ModelMetadata flatbuffer (metadata_schema.fbs), written field by field."""
+    b = flatbuffers.Builder(1024)
+
+    def string(value):
+        return b.CreateString(value) if value is not None else None
+
+    def table(num_fields, fields):
+        """fields: (slot, kind, value) with kind "offset", "int8", "uint8" or "uint32"; None values skipped."""
+        b.StartObject(num_fields)
+        for slot, kind, value in fields:
+            if value is None:
+                continue
+            if kind == "offset":
+                b.PrependUOffsetTRelativeSlot(slot, _N.UOffsetTFlags.py_type(value), 0)
+            elif kind == "int8":
+                b.PrependInt8Slot(slot, value, 0)
+            elif kind == "uint8":
+                b.PrependUint8Slot(slot, value, 0)
+            elif kind == "uint32":
+                b.PrependUint32Slot(slot, value, 0)
+            else:  # pragma: no cover
+                raise AssertionError(kind)
+        return b.EndObject()
+
+    def offsets_vector(offsets):
+        b.StartVector(4, len(offsets), 4)
+        for offset in reversed(offsets):
+            b.PrependUOffsetTRelative(offset)
+        return b.EndVector()
+
+    def floats_vector(values):
+        b.StartVector(4, len(values), 4)
+        for value in reversed(values):
+            b.PrependFloat32(float(value))
+        return b.EndVector()
+
+    def stats(tensor_type, float_range):
+        """Stats{max:[float] (0), min:[float] (1)}: the value range, as MediaPipe's writers record it."""
+        if tensor_type == _UINT8:
+            low, high = 0.0, 255.0
+        elif tensor_type == _INT8:
+            low, high = -128.0, 127.0
+        elif tensor_type == _FLOAT32 and float_range is not None:
+            low, high = float_range
+        else:
+            return None
+        maximum, minimum = floats_vector([high]), floats_vector([low])
+        return table(2, [(0, "offset", maximum), (1, "offset", minimum)])
+
+    # input: TensorMetadata{name 0, description 1, dimension_names 2, content 3, process_units 4,
+    #   stats 5, associated_files 6}; Content{content_properties_type 0, content_properties 1,
+    #   range 2}; ImageProperties{color_space 0, default_size 1}; ImageSize{width 0, height 1}
+    input_name, input_desc = string(INPUT_NAME), string(input_description)
+    image_size = table(2, [(0, "uint32", width), (1, "uint32", height)])
+    image_properties = table(2, [(0, "int8", RGB), (1, "offset", image_size)])
+    input_content = table(3, [(0, "uint8", IMAGE_PROPERTIES), (1, "offset", image_properties)])
+    input_stats = stats(input_type, None)  # float input: no normalization is recorded, so no range
+    input_metadata = table(7, [(0, "offset", input_name), (1, "offset", input_desc), (3, "offset", input_content),
+                               (5, "offset", input_stats)])
+
+    # output: probabilities over the labels; AssociatedFile{name 0, description 1, type 2, locale 3, version 4}
+    file_name = string(labels_file)
+    file_desc = string("Labels for categories that the model can recognize.")
+    labels_entry = table(5, [(0, "offset", file_name), (1, "offset", file_desc), (2, "int8", TENSOR_AXIS_LABELS)])
+    output_files = offsets_vector([labels_entry])
+    output_name, output_desc = string(OUTPUT_NAME), string(output_description)
+    feature_properties = table(0, [])
+    output_content = table(3, [(0, "uint8", FEATURE_PROPERTIES), (1, "offset", feature_properties)])
+    output_stats = stats(output_type, (0.0, 1.0))
+    output_metadata = table(7, [(0, "offset", output_name), (1, "offset", output_desc), (3, "offset", output_content),
+                                (5, "offset", output_stats), (6, "offset", output_files)])
+
+    # SubGraphMetadata{name 0, description 1, input_tensor_metadata 2, output_tensor_metadata 3, ...(10 fields)}
+    inputs, outputs = offsets_vector([input_metadata]), offsets_vector([output_metadata])
+    subgraph = table(10, [(2, "offset", inputs), (3, "offset", outputs)])
+
+    # ModelMetadata{name 0, description 1, version 2, subgraph_metadata 3, author 4, license 5,
+    #   associated_files 6, min_parser_version 7}
+    model_name, model_desc, model_version = string(name), string(description), string(version)
+    subgraphs = offsets_vector([subgraph])
+    parser_version = string(MIN_PARSER_VERSION)
+    root = table(8, [(0, "offset", model_name), (1, "offset", model_desc), (2, "offset", model_version),
+                     (3, "offset", subgraphs), (7, "offset", parser_version)])
+    b.Finish(root, file_identifier=METADATA_FILE_IDENTIFIER)
+    return bytes(b.Output())
+
+
+# ----------------------------------------------------------------------------------------------
+# reading (flatbuffers only: no TFLite schema, no MediaPipe)
+
+
+class _Tab:
+    """A flatbuffer table with the few accessors reading needs."""
+
+    def __init__(self, buf, pos):
+        self.t = Table(buf, pos)
+
+    def _offset(self, slot):
+        return self.t.Offset(4 + 2 * slot)
+
+    def string(self, slot):
+        o = self._offset(slot)
+        return self.t.String(o + self.t.Pos).decode("utf-8") if o else None
+
+    def scalar(self, slot, flags, default=0):
+        o = self._offset(slot)
+        return self.t.Get(flags, o + self.t.Pos) if o else default
+
+    def table(self, slot):
+        o = self._offset(slot)
+        return _Tab(self.t.Bytes, self.t.Indirect(o + self.t.Pos)) if o else None
+
+    def tables(self, slot):
+        o = self._offset(slot)
+        if not o:
+            return []
+        start = self.t.Vector(o)
+        return [_Tab(self.t.Bytes, self.t.Indirect(start + 4 * i)) for i in range(self.t.VectorLen(o))]
+
+    def floats(self, slot):
+        o = self._offset(slot)
+        if not o:
+            return None
+        start = self.t.Vector(o)
+        return [self.t.Get(_N.Float32Flags, start + 4 * i) for i in range(self.t.VectorLen(o))]
+
+    def byte_range(self, slot):
+        """(start, length) of a [ubyte] vector, or None."""
+        o = self._offset(slot)
+        if not o:
+            return None
+        return self.t.Vector(o), self.t.VectorLen(o)
+
+
+def _root(buf) -> _Tab:
+    return _Tab(buf, flatbuffers.encode.Get(_N.UOffsetTFlags.packer_type, buf, 0))
+
+
+def read_metadata_buffer(data: bytes) -> bytes | None:
+    """The raw ``TFLITE_METADATA`` buffer (a ModelMetadata flatbuffer) of a .tflite, or None."""
+    if len(data) < 8 or data[4:8] != TFLITE_FILE_IDENTIFIER:
+        return None
+    model = _root(data)
+    # Model{version 0, operator_codes 1, subgraphs 2, description 3, buffers 4, metadata_buffer 5,
+    #   metadata 6, signature_defs 7}; Metadata{name 0, buffer 1}; Buffer{data 0, offset 1, size 2}
+    buffers = model.tables(4)
+    for entry in model.tables(6):
+        if entry.string(0) != METADATA_NAME:
+            continue
+        index = entry.scalar(1, _N.Uint32Flags)
+        if index >= len(buffers):
+            return None
+        buffer = buffers[index]
+        span = buffer.byte_range(0)
+        if span is not None and span[1]:
+            start, length = span
+            return bytes(data[start:start + length])
+        offset, size = buffer.scalar(1, _N.Uint64Flags), buffer.scalar(2, _N.Uint64Flags)
+        if offset > 1 and size:
+            return bytes(data[offset:offset + size])
+        return None
+    return None
+
+
+def _parse_tensor(tensor: _Tab | None) -> dict:
+    if tensor is None:
+        return {}
+    info = {"name": tensor.string(0), "description": tensor.string(1)}
+    content = tensor.table(3)
+    if content is not None and content.scalar(0, _N.Uint8Flags) == IMAGE_PROPERTIES:
+        image = content.table(1)
+        color = image.scalar(0, _N.Int8Flags) if image is not None else 0
+        size = image.table(1) if image is not None else None
+        info["color_space"] = _COLOR_SPACES.get(color, str(color))
+        info["width"] = size.scalar(0, _N.Uint32Flags) if size is not None else None
+        info["height"] = size.scalar(1, _N.Uint32Flags) if size is not None else None
+    stats = tensor.table(5)
+    if stats is not None:
+        info["stats"] = {"max": stats.floats(0), "min": stats.floats(1)}
+    info["associated_files"] = [
+        {"name": f.string(0), "type": _ASSOCIATED_FILE_TYPES.get(f.scalar(2, _N.Int8Flags), "UNKNOWN")}
+        for f in tensor.tables(6)
+    ]
+    return info
+
+
+def read_metadata(tflite_path_or_bytes) -> dict | None:
+    """Parse the metadata back (without mediapipe).
+
+    Returns ``{"name", "description", "version", "min_parser_version", "input": {"name",
+    "description", "color_space", "width", "height", ...}, "output": {"name", "description",
+    "associated_files": [{"name", "type"}], ...}, "labels"}`` where ``labels`` is read from the
+    zip entry that the output's TENSOR_AXIS_LABELS file names (None when it is missing); None
+    when the file has no TFLite metadata.
+    """
+    if isinstance(tflite_path_or_bytes, (bytes, bytearray, memoryview)):
+        data = bytes(tflite_path_or_bytes)
+    else:
+        data = Path(tflite_path_or_bytes).read_bytes()
+    raw = read_metadata_buffer(data)
+    if raw is None or raw[4:8] != METADATA_FILE_IDENTIFIER:
+        return None
+    root = _root(raw)
+    subgraphs = root.tables(3)
+    subgraph = subgraphs[0] if subgraphs else None
+    inputs = subgraph.tables(2) if subgraph is not None else []
+    outputs = subgraph.tables(3) if subgraph is not None else []
+    result = {
+        "name": root.string(0),
+        "description": root.string(1),
+        "version": root.string(2),
+        "min_parser_version": root.string(7),
+        "input": _parse_tensor(inputs[0] if inputs else None),
+        "output": _parse_tensor(outputs[0] if outputs else None),
+    }
+    label_files = [f["name"] for f in result["output"].get("associated_files", []) if f["type"] == "TENSOR_AXIS_LABELS"]
+    result["labels"] = _read_zip_labels(data, label_files[0]) if label_files else None
+    return result
+
+
+def _read_zip_labels(data: bytes, name: str) -> list[str] | None:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            text = archive.read(name).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError):
+        return None
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -1,0 +1,121 @@
+"""Issue-level checks of the on-device files: every format converts, runs, sums to 1, carries its
+labels, is checked right after it is written, and a lossy variant is reported loudly."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import retrain
+import retrain.api
+from retrain.cli import main
+from retrain.export import TFLITE_FORMATS, read_tflite_labels
+from retrain.runner import TFLiteRunner
+
+FAST = dict(epochs=40, learning_rate=0.05, patience=10)
+
+
+@pytest.fixture(scope="module")
+def all_formats(tiny_module, colour_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("formats") / "out"
+    result = retrain.train(colour_dir, tiny_module, out, cache_dir=str(tmp_path_factory.mktemp("c")),
+                           quantize=("int8", "float16", "dynamic"), **FAST)
+    return result, out
+
+
+@pytest.mark.parametrize("name", list(TFLITE_FORMATS))
+def test_each_format_runs_and_sums_to_one(all_formats, name):
+    result, out = all_formats
+    path = out / TFLITE_FORMATS[name].filename
+    runner = TFLiteRunner(path)
+    assert (runner.height, runner.width) == (32, 32)
+    assert runner.classes == ["blue", "green", "red"]
+    assert read_tflite_labels(path) == ["blue", "green", "red"]
+    red = np.zeros((4, 32, 32, 3), np.uint8)
+    red[..., 0] = 220
+    probabilities = runner.predict(red)
+    assert probabilities.shape == (4, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02 if name == "int8" else 1e-5)
+    figures = result.metrics["tflite"][name]
+    assert figures["file"] == path.name and figures["size_bytes"] == path.stat().st_size
+    assert figures["n_images"] == result.split["test"]
+    assert figures["ms_per_image"] > 0
+    assert 0 <= figures["agreement"] <= 1
+
+
+def test_int8_file_is_full_integer(all_formats):
+    _, out = all_formats
+    runner = TFLiteRunner(out / "model_int8.tflite")
+    details = runner.interpreter.get_input_details()[0], runner.interpreter.get_output_details()[0]
+    assert [d["dtype"] for d in details] == [np.uint8, np.uint8]
+
+
+def test_model_card_lists_module_metrics_and_its_snippets_run(all_formats, tiny_module, colour_dir, tmp_path):
+    result, out = all_formats
+    card = (out / "README.md").read_text()
+    assert result.module["fingerprint"] in card and str(tiny_module) in card
+    for name in TFLITE_FORMATS:
+        assert f"`{TFLITE_FORMATS[name].filename}`" in card
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 2
+    shutil.copy(next((colour_dir / "red").iterdir()), out / "photo.jpg")
+    try:
+        for code in snippets:
+            run = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True)
+            assert run.returncode == 0, run.stderr
+            assert run.stdout.split()[0] == "red"
+    finally:
+        (out / "photo.jpg").unlink()
+
+
+def test_lossy_variant_is_reported_loudly(tiny_module, colour_dir, tmp_path, monkeypatch):
+    real_check = retrain.api.check_tflite
+
+    def pessimistic(path, reference, pixels, labels):
+        figures = real_check(path, reference, pixels, labels)
+        if "int8" in path.name:
+            figures["accuracy"] -= 0.5
+        return figures
+
+    monkeypatch.setattr(retrain.api, "check_tflite", pessimistic)
+    result = CliRunner().invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(tmp_path / "o"),
+                                       "--cache-dir", str(tmp_path / "c"), "--json", "--epochs", "40", "--learning-rate", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: TFLITE INT8 LOSES 50.0 ACCURACY POINTS" in result.stderr
+    data = json.loads(result.stdout)
+    assert data["metrics"]["tflite"]["int8"]["accuracy_drop_points"] == pytest.approx(50.0)
+    assert any("INT8 LOSES" in w for w in data["warnings"])
+
+
+def test_export_command_writes_and_checks_formats(all_formats, tmp_path):
+    _, out = all_formats
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "model_float16.tflite").unlink()
+    result = CliRunner().invoke(main, ["export", str(copy), "--format", "tflite-float16", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["artifacts"]["float16"] == str(copy / "model_float16.tflite")
+    assert data["tflite"]["float16"]["agreement"] >= 0.99
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert metrics["tflite"]["float16"]["file"] == "model_float16.tflite"
+    assert not list(copy.glob(".export-*"))
+
+
+def test_evaluate_report_for_tflite_and_saved_model(all_formats, colour_dir, tmp_path):
+    _, out = all_formats
+    for model in (out / "model_int8.tflite", out / "saved_model"):
+        report = tmp_path / model.name
+        result = CliRunner().invoke(main, ["evaluate", str(model), str(colour_dir), "--report", str(report), "--json"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["report"] == str(report / "index.html")
+        for name in ("index.html", "confusion_matrix.png", "confusion_matrix.csv", "per_class.csv", "report.json"):
+            assert (report / name).exists(), name
+        assert str(model) in (report / "index.html").read_text()
