@@ -22,7 +22,7 @@ from .bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottl
 from .config import TrainConfig
 from .dataset import split_dataset
 from .errors import ConfigError, DatasetError, ModelError, OutputError
-from .evaluate import Evaluation, Prediction, classification_metrics, evaluate_runner, predict_runner, run_on_files
+from .evaluate import Evaluation, Prediction, classification_metrics, evaluate_runner, predict_runner
 from .export import LABELS_FILE, TFLITE_FORMATS, build_serving_model, export_tflite, save_serving_model, tflite_format
 from .head import train_head
 from .card import model_card
@@ -108,6 +108,21 @@ class _StagedOutput:
         return False
 
 
+def _check_unusable(split, skipped, max_fraction: float) -> None:
+    """Stop when too much of a class cannot be decoded: the class would be silently under-represented."""
+    for index, name in enumerate(split.classes):
+        usable = sum(1 for part in (split.train, split.validation, split.test) for i in part if i.label == index)
+        bad = [s for s in skipped if s.get("unusable") and s.get("class") == name]
+        total = usable + len(bad)
+        if bad and len(bad) / total > max_fraction:
+            raise DatasetError(
+                f"class {name}: {len(bad)} of {total} image files cannot be used (limit {100 * max_fraction:g}%), "
+                f"e.g. {bad[0]['path']}: {bad[0]['reason']}"
+            )
+        if not any(i.label == index for i in split.train):
+            raise DatasetError(f"class {name} has no usable training images")
+
+
 def _arrays(images, vectors, dim):
     x = np.stack([vectors[i.content_hash] for i in images]) if images else np.zeros((0, dim), np.float32)
     y = np.asarray([i.label for i in images], np.int64)
@@ -178,8 +193,12 @@ def _test_set(saved_model_dir: Path, test_images, spec, batch_size: int) -> _Tes
 
 
 def write_tflite_variants(saved_model_dir: Path, directory: Path, formats, classes, representative, test: _TestSet,
-                          max_accuracy_drop: float, metadata: dict) -> tuple[dict, dict, list[str]]:
-    """Convert each format, then check it on the test split at once. Returns (paths, figures, warnings)."""
+                          max_accuracy_drop: float, metadata: dict,
+                          float32_accuracy: float | None = None) -> tuple[dict, dict, list[str]]:
+    """Convert each format, then check it on the test split at once. Returns (paths, figures, warnings).
+
+    Quantized variants are compared with float32's accuracy: the one written now, else
+    ``float32_accuracy`` (from an earlier export)."""
     paths, figures, warnings = {}, {}, []
     for name in formats:
         fmt = TFLITE_FORMATS[name]
@@ -187,15 +206,15 @@ def write_tflite_variants(saved_model_dir: Path, directory: Path, formats, class
         paths[name] = path
         if test.pixels is not None:
             figures[name] = check_tflite(path, test.reference, test.pixels, test.labels)
-    baseline = figures.get("float32")
+    baseline = figures["float32"]["accuracy"] if "float32" in figures else float32_accuracy
     for name, row in figures.items():
         if baseline is not None and name != "float32":
-            drop = 100.0 * (baseline["accuracy"] - row["accuracy"])
+            drop = 100.0 * (baseline - row["accuracy"])
             row["accuracy_drop_points"] = round(drop, 3)
             if drop > max_accuracy_drop:
                 warnings.append(
                     f"TFLITE {name.upper()} LOSES {drop:.1f} ACCURACY POINTS against float32 "
-                    f"({row['accuracy']:.4f} vs {baseline['accuracy']:.4f}, threshold {max_accuracy_drop:g}): "
+                    f"({row['accuracy']:.4f} vs {baseline:.4f}, threshold {max_accuracy_drop:g}): "
                     f"check {row['file']} before shipping it"
                 )
         if row["agreement"] < TFLITE_FORMATS[name].agreement_tolerance:
@@ -243,7 +262,7 @@ def train(
     timings["scan"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    loaded = load_module(module, config.image_size, config.allow_unversioned)
+    loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts)
     spec = loaded.info.input_spec
     timings["module"] = time.perf_counter() - mark
 
@@ -255,13 +274,13 @@ def train(
     bottlenecks = extract_bottlenecks(everything, loaded, cache, config.extract_batch_size)
     timings["bottlenecks"] = time.perf_counter() - mark
 
-    skipped = list(split.skipped) + bottlenecks.skipped
-    failed = {s["path"] for s in bottlenecks.skipped}
+    classes_by_path = {image.path: split.classes[image.label] for image in everything}
+    skipped = list(split.skipped) + [
+        {**item, "class": classes_by_path.get(item["path"]), "unusable": True} for item in bottlenecks.skipped
+    ]
     for name in ("train", "validation", "test"):
         setattr(split, name, [i for i in getattr(split, name) if i.content_hash in bottlenecks.vectors])
-    for index, name in enumerate(split.classes):
-        if not any(i.label == index for i in split.train):
-            raise DatasetError(f"class {name} has no usable training images ({len(failed)} file(s) could not be decoded)")
+    _check_unusable(split, skipped, config.max_unusable_fraction)
     dim = loaded.info.feature_dim
 
     mark = time.perf_counter()
@@ -394,18 +413,12 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
     threshold = config.get("max_accuracy_drop", 2.0) if max_accuracy_drop is None else max_accuracy_drop
     metrics_path = output / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    previous_float32 = metrics.get("tflite", {}).get("float32", {}).get("accuracy")
     with tempfile_dir(output) as stage:
         paths, figures, warnings = write_tflite_variants(
-            saved_model, stage, [f.name for f in fmts], classes, representative, test, threshold, _tflite_metadata(info, classes)
+            saved_model, stage, [f.name for f in fmts], classes, representative, test, threshold,
+            _tflite_metadata(info, classes), previous_float32,
         )
-        if "float32" not in figures and "float32" in metrics.get("tflite", {}):
-            baseline = metrics["tflite"]["float32"]["accuracy"]
-            for name, row in figures.items():
-                drop = 100.0 * (baseline - row["accuracy"])
-                row["accuracy_drop_points"] = round(drop, 3)
-                if drop > threshold:
-                    warnings.append(f"TFLITE {name.upper()} LOSES {drop:.1f} ACCURACY POINTS against float32 "
-                                    f"(threshold {threshold:g}): check {row['file']} before shipping it")
         written = {}
         for name, path in paths.items():
             final = output / path.name

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import sys
 
 import click
 
@@ -93,6 +91,9 @@ def main():
               help="Accuracy points a quantized file may lose against float32 before a warning.")
 @click.option("--calibration-samples", type=int, default=DEFAULTS.calibration_samples, show_default=True, help="Training images used to calibrate int8.")
 @click.option("--allow-unversioned", is_flag=True, help="Accept a URL handle that names no version.")
+@click.option("--trust-host", "trust_hosts", multiple=True, help="Also load modules from this host (repeatable; modules are executed code).")
+@click.option("--max-unusable-fraction", type=float, default=DEFAULTS.max_unusable_fraction, show_default=True,
+              help="Stop when more than this fraction of a class's image files cannot be decoded.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that is not a retrain output.")
 @_output_options
 def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **options):
@@ -256,13 +257,14 @@ def module():
 @click.argument("handle")
 @click.option("--image-size", type=int)
 @click.option("--allow-unversioned", is_flag=True)
+@click.option("--trust-host", "trust_hosts", multiple=True)
 @_output_options
-def module_inspect(handle, image_size, allow_unversioned, quiet, as_json):
+def module_inspect(handle, image_size, allow_unversioned, trust_hosts, quiet, as_json):
     """Resolve HANDLE and show its input size, feature dimension and fingerprint."""
     _setup(quiet, as_json)
     from .module import load_module
 
-    info = load_module(handle, image_size, allow_unversioned).info.to_dict()
+    info = load_module(handle, image_size, allow_unversioned, tuple(trust_hosts)).info.to_dict()
     if as_json:
         _emit_json(info)
         return

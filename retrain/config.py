@@ -36,9 +36,11 @@ class TrainConfig:
     # module
     image_size: int | None = None  # override; otherwise read from the module's signature
     allow_unversioned: bool = False
+    trust_hosts: tuple[str, ...] = ()  # hosts trusted beside tfhub.dev and Kaggle Models
     # bottlenecks
     cache_dir: str | None = None
     extract_batch_size: int = 64
+    max_unusable_fraction: float = 0.5  # a class with more undecodable files than this is an error
     # head
     epochs: int = 100
     patience: int = 10  # early stopping on validation loss; best weights kept
@@ -81,6 +83,9 @@ class TrainConfig:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
                               + _did_you_mean(self.optimizer, OPTIMIZERS))
         object.__setattr__(self, "quantize", tuple(self.quantize))
+        object.__setattr__(self, "trust_hosts", tuple(h.lower() for h in self.trust_hosts))
+        if not 0 <= self.max_unusable_fraction <= 1:
+            raise ConfigError(f"--max-unusable-fraction must be in [0, 1], got {self.max_unusable_fraction}")
         if self.max_accuracy_drop < 0:
             raise ConfigError(f"--max-accuracy-drop must be 0 or more, got {self.max_accuracy_drop}")
 
@@ -96,6 +101,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["quantize"] = list(self.quantize)
+        data["trust_hosts"] = list(self.trust_hosts)
         return data
 
     @property

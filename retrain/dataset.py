@@ -138,11 +138,11 @@ def scan_folder(image_dir: str | os.PathLike, classes: list[str] | None = None, 
             try:
                 content_hash, data = _hash_file(path)
             except OSError as error:
-                scan.skipped.append({"path": str(path), "reason": f"cannot read: {error.strerror or error}"})
+                scan.skipped.append({"path": str(path), "reason": f"cannot read: {error.strerror or error}", "class": name, "unusable": True})
                 continue
             probe = probe_image(data)
             if probe.problem:
-                scan.skipped.append({"path": str(path), "reason": probe.problem})
+                scan.skipped.append({"path": str(path), "reason": probe.problem, "class": name, "unusable": True})
                 continue
             first = seen_in_class.get((label, content_hash))
             if first is not None:

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ._tf import quiet_stderr
 from ._tf import tf as _tf
 from .errors import ConfigError
 from .images import resize_to_uint8, to_module_input
@@ -149,7 +150,8 @@ def export_tflite(
             yield [np.asarray(image, np.uint8)[None]]
 
     fmt.configure(converter, representative_dataset)
-    flatbuffer = converter.convert()
+    with quiet_stderr():  # the calibrator prints its settings on stderr
+        flatbuffer = converter.convert()
     destination = Path(destination)
     if metadata is not None:
         from .metadata import add_metadata

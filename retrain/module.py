@@ -87,7 +87,8 @@ def check_trusted(handle: str, allow_unversioned: bool = False, trusted_hosts: t
     host = (parsed.hostname or "").lower()
     if host not in trusted_hosts:
         raise ModuleError(
-            f"module host {host} is not trusted (modules are executed code); trusted: {', '.join(trusted_hosts)}"
+            f"module host {host} is not trusted (modules are executed code); trusted: {', '.join(trusted_hosts)}; "
+            f"pass --trust-host {host} if you trust it"
         )
     if not allow_unversioned and not re.search(r"/\d+/?$", parsed.path):
         raise ModuleError(
@@ -96,10 +97,10 @@ def check_trusted(handle: str, allow_unversioned: bool = False, trusted_hosts: t
         )
 
 
-def resolve_handle(handle: str, allow_unversioned: bool = False) -> Path:
+def resolve_handle(handle: str, allow_unversioned: bool = False, trust_hosts: tuple[str, ...] = ()) -> Path:
     """Handle -> local SavedModel folder (downloading into the TF Hub cache for URLs)."""
     if is_url(handle):
-        check_trusted(handle, allow_unversioned)
+        check_trusted(handle, allow_unversioned, TRUSTED_HOSTS + tuple(trust_hosts))
         import tensorflow_hub as hub
 
         try:
@@ -187,9 +188,10 @@ def resolve_input_spec(spec, image_size: int | None) -> InputSpec:
     return InputSpec(int(height), int(width))
 
 
-def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False) -> LoadedModule:
+def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False,
+                trust_hosts: tuple[str, ...] = ()) -> LoadedModule:
     """Resolve, load and check a feature-vector module."""
-    path = resolve_handle(str(handle), allow_unversioned)
+    path = resolve_handle(str(handle), allow_unversioned, trust_hosts)
     tf = _tf()
     try:
         obj = tf.saved_model.load(str(path))

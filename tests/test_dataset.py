@@ -210,7 +210,7 @@ def test_scan_skips_zero_byte_image_as_empty_file(tmp_path):
     put(tmp_path / "a" / "zero.jpg", b"")
     scan = scan_folder(tmp_path)
     assert [image.relpath for image in scan.images] == ["good.png"]
-    assert scan.skipped == [{"path": str(tmp_path / "a" / "zero.jpg"), "reason": "empty file"}]
+    assert scan.skipped == [{"path": str(tmp_path / "a" / "zero.jpg"), "reason": "empty file", "class": "a", "unusable": True}]
 
 
 def test_scan_skips_decompression_bomb_header(tmp_path):
