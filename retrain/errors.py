@@ -27,3 +27,9 @@ class ModelError(RetrainError):
 
 class OutputError(RetrainError):
     """The output location cannot be written safely."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type name), for one-line user errors."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ._tf import tf as _tf
-from .errors import ModuleError
+from .errors import ModuleError, first_line
 
 TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com")
 DEFAULT_VALUE_RANGE = (0.0, 1.0)  # TF Hub image modules take RGB floats in [0, 1]
@@ -196,7 +196,7 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
     try:
         obj = tf.saved_model.load(str(path))
     except Exception as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise ModuleError(f"module {handle} cannot be loaded as a SavedModel: {first}") from None
     call, spec = _call_and_spec(obj)
     input_spec = resolve_input_spec(spec, image_size)
@@ -207,7 +207,7 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
     try:
         output = traced(tf.constant(probe))
     except Exception as error:
-        first = str(error).strip().splitlines()[0][:200]
+        first = first_line(error)
         raise ModuleError(f"module {handle} failed on a {input_spec.height}x{input_spec.width} image batch: {first}") from None
     if isinstance(output, dict):
         raise ModuleError(f"module {handle} returns a dict {sorted(output)}: a feature_vector module is needed")

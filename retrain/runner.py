@@ -15,7 +15,7 @@ import numpy as np
 
 from ._tf import quiet_stderr
 from ._tf import tf as _tf
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .export import LABELS_FILE, OUTPUT_KEY, SIGNATURE_ANY_SIZE, SIGNATURE_FIXED, read_tflite_labels
 
 
@@ -35,7 +35,7 @@ class SavedModelRunner:
         try:
             self._loaded = tf.saved_model.load(self.path)
         except Exception as error:
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            first = first_line(error)
             raise ModelError(f"cannot load SavedModel {directory}: {first}") from None
         signatures = self._loaded.signatures
         if SIGNATURE_ANY_SIZE not in signatures:
@@ -72,7 +72,7 @@ class TFLiteRunner:
                 self.interpreter = Interpreter(model_path=self.path, num_threads=num_threads or os.cpu_count())
                 self.interpreter.allocate_tensors()
         except Exception as error:
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            first = first_line(error)
             raise ModelError(f"cannot load TFLite model {path}: {first}") from None
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
