@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -19,13 +20,27 @@ import numpy as np
 
 from . import __version__
 from .bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
+from .card import model_card
 from .config import TrainConfig
 from .dataset import split_dataset
 from .errors import ConfigError, DatasetError, ModelError, OutputError
-from .evaluate import Evaluation, Prediction, classification_metrics, evaluate_runner, predict_runner
-from .export import LABELS_FILE, TFLITE_FORMATS, build_serving_model, export_tflite, save_serving_model, tflite_format
+from .evaluate import (
+    Evaluation,
+    Prediction,
+    classification_metrics,
+    evaluate_runner,
+    predict_runner,
+)
+from .export import (
+    LABELS_FILE,
+    TFLITE_FORMATS,
+    build_serving_model,
+    export_tflite,
+    save_serving_model,
+    tflite_format,
+)
+from .files import replace_dir, write_atomic
 from .head import train_head
-from .card import model_card
 from .images import iter_image_batches
 from .module import load_module
 from .runner import SavedModelRunner, TFLiteRunner, load_model, read_run_info
@@ -98,13 +113,7 @@ class _StagedOutput:
         if kind is not None:
             shutil.rmtree(self.stage, ignore_errors=True)
             return False
-        old = None
-        if self.output.exists():
-            old = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.output, old)
-        os.replace(self.stage, self.output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.stage, self.output)
         return False
 
 
@@ -396,27 +405,31 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
     spec_data = run["module"]["input_spec"]
     spec = InputSpec(**{**spec_data, "value_range": tuple(spec_data["value_range"])})
     info = ModuleInfo(**{**run["module"], "input_spec": spec})
-    representative = None
-    if any(f.needs_representative for f in fmts):
-        source = representative_dir or run["image_dir"]
-        scan = scan_folder(source, classes=classes, role="representative folder")
-        if not scan.images:
-            raise DatasetError(f"representative folder {scan.root} has no usable images")
-        count = calibration_samples or config.get("calibration_samples", 200)
-        representative = _representative_images(scan.images, spec, count, config.get("seed", 0), 64)
-    test_images = []
+    split = None
     if Path(run["image_dir"]).is_dir():
         split = split_dataset(run["image_dir"], config["validation_percent"], config["test_percent"],
                               config.get("validation_dir"), config.get("test_dir"))
-        test_images = split.test
+    representative = None
+    if any(f.needs_representative for f in fmts):
+        if representative_dir or split is None:
+            source = representative_dir or run["image_dir"]
+            scan = scan_folder(source, classes=classes, role="representative folder")
+            if not scan.images:
+                raise DatasetError(f"representative folder {scan.root} has no usable images")
+            candidates = scan.images
+        else:
+            candidates = split.train  # as in training: calibration never sees test images
+        count = calibration_samples or config.get("calibration_samples", 200)
+        representative = _representative_images(candidates, spec, count, config.get("seed", 0), 64)
+    test_images = split.test if split is not None else []
     test = _test_set(saved_model, test_images, spec, 64) if test_images else _TestSet([], None, None, None)
     threshold = config.get("max_accuracy_drop", 2.0) if max_accuracy_drop is None else max_accuracy_drop
     metrics_path = output / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     previous_float32 = metrics.get("tflite", {}).get("float32", {}).get("accuracy")
-    with tempfile_dir(output) as stage:
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=output) as scratch:
         paths, figures, warnings = write_tflite_variants(
-            saved_model, stage, [f.name for f in fmts], classes, representative, test, threshold,
+            saved_model, Path(scratch), [f.name for f in fmts], classes, representative, test, threshold,
             _tflite_metadata(info, classes), previous_float32,
         )
         written = {}
@@ -424,30 +437,11 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
             final = output / path.name
             os.replace(path, final)
             written[name] = str(final)
-    if not test_images:
+    if split is None:
         warnings.append(f"training folder {run['image_dir']} is gone: the new files were not checked on the test split")
+    elif not test_images:
+        warnings.append("the run has no test split: the new files were not checked")
     metrics.setdefault("tflite", {}).update(figures)
-    _write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    _write_atomic(output / MODEL_CARD_FILE, model_card(run, metrics))
+    write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    write_atomic(output / MODEL_CARD_FILE, model_card(run, metrics))
     return {"artifacts": written, "tflite": figures, "warnings": warnings}
-
-
-class tempfile_dir:
-    """A hidden scratch folder inside ``parent``, removed on exit."""
-
-    def __init__(self, parent: Path):
-        self.path = parent / f".export-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.path.mkdir()
-        return self.path
-
-    def __exit__(self, *exc):
-        shutil.rmtree(self.path, ignore_errors=True)
-        return False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    temporary.write_text(text)
-    os.replace(temporary, path)

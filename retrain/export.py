@@ -156,10 +156,9 @@ def export_tflite(
     if metadata is not None:
         from .metadata import add_metadata
 
-        flatbuffer = add_metadata(flatbuffer, labels, **metadata)
-        destination.write_bytes(flatbuffer)
-    else:
-        destination.write_bytes(flatbuffer)
+        flatbuffer = add_metadata(flatbuffer, labels, **metadata)  # packs labels.txt too
+    destination.write_bytes(flatbuffer)
+    if metadata is None:
         attach_labels(destination, labels)
     return destination
 
@@ -172,8 +171,7 @@ def attach_labels(tflite_path: str | Path, labels: list[str]) -> None:
 
 
 def read_tflite_labels(tflite_path: str | Path) -> list[str] | None:
-    try:
-        with zipfile.ZipFile(tflite_path) as archive:
-            return archive.read(LABELS_FILE).decode("utf-8").splitlines()
-    except (zipfile.BadZipFile, KeyError):
-        return None
+    """The labels packed inside a .tflite file, or None."""
+    from .metadata import read_zip_labels
+
+    return read_zip_labels(Path(tflite_path).read_bytes(), LABELS_FILE)

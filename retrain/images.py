@@ -116,6 +116,28 @@ def _probe_png(data: bytes) -> Probe:
     return Probe("tf")
 
 
+def to_rgb(image):
+    """A decoded (and oriented) Pillow image as RGB: 16-bit grey scaled to 8 bits, transparent
+    pixels composited on white. Shared by decoding and the report's thumbnails."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(image, dtype=np.uint32)
+        sixteen_bit = image.mode.startswith("I;16") or grey.max(initial=0) > 255
+        scaled = (grey >> 8) if sixteen_bit else grey
+        pixels = np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # PNG colour key (tRNS): transparent, so white
+            pixels[grey == key] = BACKGROUND
+        return Image.fromarray(pixels)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        canvas.alpha_composite(rgba)
+        image = canvas
+    return image.convert("RGB")
+
+
 def decode_with_pillow(data: bytes) -> np.ndarray:
     """Decode bytes to an RGB uint8 array with Pillow: orientation applied, alpha on white."""
     import warnings
@@ -130,22 +152,7 @@ def decode_with_pillow(data: bytes) -> np.ndarray:
                 raise ValueError(problem)
             image.seek(0)  # first frame of an animation
             image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(image, dtype=np.uint32)
-                sixteen_bit = image.mode.startswith("I;16") or grey.max(initial=0) > 255
-                scaled = (grey >> 8) if sixteen_bit else grey
-                pixels = np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
-                key = image.info.get("transparency")
-                if isinstance(key, int):  # PNG colour key (tRNS): transparent, so white
-                    pixels[grey == key] = BACKGROUND
-                return pixels
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-                canvas.alpha_composite(rgba)
-                image = canvas
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return np.asarray(to_rgb(ImageOps.exif_transpose(image)), dtype=np.uint8)
 
 
 def resize_to_uint8(images, height: int, width: int):

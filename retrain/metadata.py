@@ -425,11 +425,11 @@ def read_metadata(tflite_path_or_bytes) -> dict | None:
         "output": _parse_tensor(outputs[0] if outputs else None),
     }
     label_files = [f["name"] for f in result["output"].get("associated_files", []) if f["type"] == "TENSOR_AXIS_LABELS"]
-    result["labels"] = _read_zip_labels(data, label_files[0]) if label_files else None
+    result["labels"] = read_zip_labels(data, label_files[0]) if label_files else None
     return result
 
 
-def _read_zip_labels(data: bytes, name: str) -> list[str] | None:
+def read_zip_labels(data: bytes, name: str) -> list[str] | None:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             text = archive.read(name).decode("utf-8")

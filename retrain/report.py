@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import ConfigError, OutputError
+from .files import replace_dir
+from .images import MAX_PIXELS, to_rgb  # larger files than MAX_PIXELS get no thumbnail
 
 INDEX = "index.html"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -41,7 +43,6 @@ CONFUSION_CSV = "confusion_matrix.csv"
 PER_CLASS_CSV = "per_class.csv"
 REPORT_JSON = "report.json"
 MISTAKES_DIR = "mistakes"
-MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold: larger files get no thumbnail
 
 
 def write_report(
@@ -70,7 +71,7 @@ def write_report(
     stage.mkdir()
     try:
         written = _write_all(evaluation, stage, max_mistakes, thumbnail_size)
-        _move_into_place(stage, target)
+        replace_dir(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -99,24 +100,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
             f"report folder {target} exists and is not an earlier report: choose another folder "
             "or empty it (its contents would be replaced)"
         )
-
-
-def _move_into_place(stage: Path, target: Path) -> None:
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    try:
-        os.replace(stage, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
 
 
 def _write_all(evaluation, folder: Path, max_mistakes: int, thumbnail_size: int) -> dict:
@@ -218,26 +201,13 @@ def _load_thumbnail(path: str, size: int):
                 if image.format == "JPEG":
                     image.draft("RGB", (size, size))  # decode at a reduced scale: much faster
                 image.load()
-                image = _to_rgb(ImageOps.exif_transpose(image))
+                image = to_rgb(ImageOps.exif_transpose(image))
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
         return image, None
     except FileNotFoundError:
         return None, "file not found"
     except Exception as error:  # noqa: BLE001 - any undecodable file just gets no thumbnail
         return None, f"cannot open: {error}"
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        grey = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or grey.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(grey / top * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        image = canvas
-    return image.convert("RGB")
 
 
 # --- confusion-matrix picture ------------------------------------------------------------------

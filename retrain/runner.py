@@ -16,7 +16,13 @@ import numpy as np
 from ._tf import quiet_stderr
 from ._tf import tf as _tf
 from .errors import ModelError, first_line
-from .export import LABELS_FILE, OUTPUT_KEY, SIGNATURE_ANY_SIZE, SIGNATURE_FIXED, read_tflite_labels
+from .export import (
+    LABELS_FILE,
+    OUTPUT_KEY,
+    SIGNATURE_ANY_SIZE,
+    SIGNATURE_FIXED,
+    read_tflite_labels,
+)
 
 
 def _read_labels(path: Path) -> list[str]:

@@ -119,3 +119,20 @@ def test_evaluate_report_for_tflite_and_saved_model(all_formats, colour_dir, tmp
         for name in ("index.html", "confusion_matrix.png", "confusion_matrix.csv", "per_class.csv", "report.json"):
             assert (report / name).exists(), name
         assert str(model) in (report / "index.html").read_text()
+
+
+def test_export_int8_calibrates_on_training_images_only(all_formats, tmp_path, monkeypatch):
+    result, out = all_formats
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    seen = []
+    real = retrain.api._representative_images
+
+    def spy(images, *args):
+        seen.extend(images)
+        return real(images, *args)
+
+    monkeypatch.setattr(retrain.api, "_representative_images", spy)
+    retrain.export(copy, ["int8"])
+    split = retrain.api.split_dataset(json.loads((copy / "run.json").read_text())["image_dir"])
+    assert {i.path for i in seen} == {i.path for i in split.train}
