@@ -90,11 +90,12 @@ def _is_retrain_output(path: Path) -> bool:
 
 
 def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to replace anything but an earlier retrain output unless ``overwrite``."""
+    """Refuse to replace an existing non-empty folder unless ``overwrite``."""
     if output.exists() and not output.is_dir():
         raise OutputError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite and not _is_retrain_output(output):
-        raise OutputError(f"output folder {output} exists and is not a retrain output: pass --overwrite to replace it")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        what = "holds an earlier model" if _is_retrain_output(output) else "exists and is not empty"
+        raise OutputError(f"output folder {output} {what}: pass --overwrite to replace it")
 
 
 class _StagedOutput:
@@ -271,7 +272,8 @@ def train(
     timings["scan"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts)
+    loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
+                         records_dir=config.resolved_cache_dir)
     spec = loaded.info.input_spec
     timings["module"] = time.perf_counter() - mark
 

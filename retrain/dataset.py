@@ -102,6 +102,26 @@ def list_classes(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=True) and not _is_ignored(e.name))
 
 
+SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
+
+
+def _refuse_split_folders(root: Path, names: list[str], role: str) -> None:
+    """``root/train/<class>/...`` given instead of ``root/train``: every image would be labelled by split."""
+    if len(names) < 2 or any(n.lower() not in SPLIT_FOLDER_NAMES for n in names):
+        return
+    if not all(any(e.is_dir() for e in os.scandir(root / n)) for n in names):
+        return
+    train = next((n for n in names if n.lower() in ("train", "training")), names[0])
+    others = [n for n in names if n != train]
+    hint = " ".join(
+        f"--{'test' if n.lower().startswith('test') else 'validation'}-dir {root / n}" for n in others
+    )
+    raise DatasetError(
+        f"{role} {root} holds split folders ({', '.join(names)}), not class folders: "
+        f"pass {root / train} as the image folder and {hint}"
+    )
+
+
 def scan_folder(image_dir: str | os.PathLike, classes: list[str] | None = None, role: str = "image folder") -> Scan:
     """Find the labelled images under ``image_dir``.
 
@@ -117,6 +137,7 @@ def scan_folder(image_dir: str | os.PathLike, classes: list[str] | None = None, 
     if not found_classes:
         raise DatasetError(f"{role} {root} has no class sub-folders: expected {root}/<class>/<images>")
     if classes is None:
+        _refuse_split_folders(root, found_classes, role)
         classes = found_classes
     else:
         unknown = [c for c in found_classes if c not in classes]

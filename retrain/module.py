@@ -4,15 +4,19 @@ A handle is executed code. It is either a local SavedModel folder, or a URL on a
 (tfhub.dev and Kaggle Models by default) resolved through tensorflow-hub's resolver and its
 cache (``TFHUB_CACHE_DIR``). Published versions are immutable, so a URL must name a version
 unless the user insists. The fingerprint (SHA-256 over the module's files) is recorded with
-every model and is part of every bottleneck's cache key.
+every model and is part of every bottleneck's cache key. The first fingerprint seen for each
+versioned URL is kept in ``CACHE_DIR/modules.json``; a later load of that URL whose files differ
+means a damaged or altered TF Hub cache entry, and is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,6 +26,7 @@ from ._tf import tf as _tf
 from .errors import ModuleError, first_line
 
 TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com")
+MODULE_RECORDS = "modules.json"  # in the bottleneck cache folder: first fingerprint per versioned URL
 DEFAULT_VALUE_RANGE = (0.0, 1.0)  # TF Hub image modules take RGB floats in [0, 1]
 CLASSIFIER_OUTPUT_DIMS = (1000, 1001)  # ImageNet logits: not a feature vector
 
@@ -90,7 +95,7 @@ def check_trusted(handle: str, allow_unversioned: bool = False, trusted_hosts: t
             f"module host {host} is not trusted (modules are executed code); trusted: {', '.join(trusted_hosts)}; "
             f"pass --trust-host {host} if you trust it"
         )
-    if not allow_unversioned and not re.search(r"/\d+/?$", parsed.path):
+    if not allow_unversioned and not is_versioned(handle):
         raise ModuleError(
             f"module handle {handle} names no version: published versions are immutable, so add one "
             f"(e.g. {handle.rstrip('/')}/1) or pass --allow-unversioned"
@@ -121,8 +126,50 @@ def resolve_handle(handle: str, allow_unversioned: bool = False, trust_hosts: tu
     if (path / "tfhub_module.pb").exists() and not (path / "saved_model.pb").exists():
         raise ModuleError(f"module {handle} is in the TF1 Hub format: a TF2 SavedModel feature_vector module is needed")
     if not ((path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists()):
+        if is_url(handle):
+            raise damaged_cache_entry(handle, path, "no saved_model.pb")
         raise ModuleError(f"module {handle} is not a SavedModel: {path} has no saved_model.pb")
     return path
+
+
+def damaged_cache_entry(handle: str, path: Path, reason: str) -> ModuleError:
+    return ModuleError(
+        f"module cache entry {path} for {handle} is damaged ({reason}): delete that folder and run again to download it anew"
+    )
+
+
+def is_versioned(handle: str) -> bool:
+    return bool(re.search(r"/\d+/?$", urlparse(handle).path))
+
+
+def check_recorded_fingerprint(handle: str, path: Path, digest: str, records_dir: str | os.PathLike) -> None:
+    """Published versions never change: a versioned URL must always load the same files.
+
+    The first fingerprint seen for a versioned URL is recorded in ``records_dir/modules.json``;
+    a different one later means the TF Hub cache entry was damaged or altered.
+    """
+    from .files import write_atomic
+
+    if not is_versioned(handle):
+        return
+    records_file = Path(records_dir).expanduser() / MODULE_RECORDS
+    try:
+        records = json.loads(records_file.read_text(encoding="utf-8"))
+        if not isinstance(records, dict):
+            raise ValueError("not an object")
+    except FileNotFoundError:
+        records = {}
+    except (OSError, ValueError):
+        records = {}  # an unreadable record file is rewritten: it only ever adds protection
+    known = records.get(handle, {}).get("fingerprint") if isinstance(records.get(handle), dict) else None
+    if known is None:
+        records[handle] = {"fingerprint": digest, "first_seen": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        records_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(records_file, json.dumps(records, indent=1, sort_keys=True) + "\n")
+    elif known != digest:
+        raise damaged_cache_entry(
+            handle, path, f"its files have fingerprint {digest[:12]}, but this version was first loaded as {known[:12]}"
+        )
 
 
 def fingerprint(path: str | os.PathLike) -> str:
@@ -189,14 +236,26 @@ def resolve_input_spec(spec, image_size: int | None) -> InputSpec:
 
 
 def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False,
-                trust_hosts: tuple[str, ...] = ()) -> LoadedModule:
-    """Resolve, load and check a feature-vector module."""
-    path = resolve_handle(str(handle), allow_unversioned, trust_hosts)
+                trust_hosts: tuple[str, ...] = (), records_dir: str | os.PathLike | None = None) -> LoadedModule:
+    """Resolve, load and check a feature-vector module.
+
+    For URL handles the fingerprint is checked against ``records_dir`` (default: the bottleneck
+    cache folder), see ``check_recorded_fingerprint``.
+    """
+    handle = str(handle)
+    path = resolve_handle(handle, allow_unversioned, trust_hosts)
+    digest = fingerprint(path)
+    if is_url(handle):
+        from .config import default_cache_dir
+
+        check_recorded_fingerprint(handle, path, digest, records_dir or default_cache_dir())
     tf = _tf()
     try:
         obj = tf.saved_model.load(str(path))
     except Exception as error:
         first = first_line(error)
+        if is_url(handle):
+            raise damaged_cache_entry(handle, path, f"it cannot be loaded: {first}") from None
         raise ModuleError(f"module {handle} cannot be loaded as a SavedModel: {first}") from None
     call, spec = _call_and_spec(obj)
     input_spec = resolve_input_spec(spec, image_size)
@@ -223,9 +282,9 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
             "a feature_vector module is needed"
         )
     info = ModuleInfo(
-        handle=str(handle),
+        handle=handle,
         path=str(path),
-        fingerprint=fingerprint(path),
+        fingerprint=digest,
         input_spec=input_spec,
         feature_dim=int(shape[1]),
         trainable_variables=len(getattr(obj, "trainable_variables", []) or []),

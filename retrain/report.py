@@ -55,8 +55,8 @@ def write_report(
 ) -> dict:
     """Write the report folder ``directory`` for ``evaluation``; return the paths written.
 
-    An existing ``directory`` is replaced (only once the new report is complete) when it is empty
-    or an earlier report; any other folder is refused with ``OutputError`` unless ``overwrite``.
+    An empty ``directory`` is filled; a non-empty one is refused with ``OutputError`` unless
+    ``overwrite``, and then replaced only once the new report is complete.
     Returns {"index", "confusion_matrix_png", "confusion_matrix_csv", "per_class_csv",
     "report_json": path, "mistakes": [thumbnail paths]} (paths inside the final folder).
     """
@@ -65,7 +65,7 @@ def write_report(
     if thumbnail_size < 16:
         raise ConfigError(f"thumbnail_size must be at least 16 pixels, got {thumbnail_size}")
     target = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
-    _check_target(target, overwrite)
+    check_report_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
@@ -92,14 +92,14 @@ def _is_report(path: Path) -> bool:
     return isinstance(data, dict) and "confusion_matrix" in data and "mistakes" in data
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_report_folder(directory, overwrite: bool = False) -> None:
+    """Raise OutputError when ``directory`` is not a place a report may be written to."""
+    target = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
     if target.exists() and not target.is_dir():
         raise OutputError(f"report location {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite and not _is_report(target):
-        raise OutputError(
-            f"report folder {target} exists and is not an earlier report: choose another folder "
-            "or empty it (its contents would be replaced)"
-        )
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        what = "holds an earlier report" if _is_report(target) else "exists and is not empty"
+        raise OutputError(f"report folder {target} {what}: pass --overwrite to replace it")
 
 
 def _write_all(evaluation, folder: Path, max_mistakes: int, thumbnail_size: int) -> dict:

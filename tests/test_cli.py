@@ -36,13 +36,15 @@ def test_train_json_is_the_only_stdout(cli_out):
     assert data["metrics"]["test"]["accuracy"] == 1.0
 
 
-def test_second_identical_run_hits_the_cache(cli_out, tiny_module, colour_dir):
+def test_second_identical_run_needs_overwrite_and_hits_the_cache(cli_out, tiny_module, colour_dir):
     out, cache, _ = cli_out
-    result = CliRunner().invoke(
-        main,
-        ["train", str(colour_dir), "--module", tiny_module, "--output", str(out), "--cache-dir", str(cache), "--json", *FAST],
-        catch_exceptions=False,
-    )
+    args = ["train", str(colour_dir), "--module", tiny_module, "--output", str(out), "--cache-dir", str(cache), "--json", *FAST]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    refused = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == f"Error: output folder {out} holds an earlier model: pass --overwrite to replace it"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    result = CliRunner().invoke(main, [*args, "--overwrite"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["cache"]["hits"], data["cache"]["misses"]) == (30, 0)

@@ -663,3 +663,20 @@ def test_error_class_with_too_few_distinct_images(tmp_path):
     put(tmp_path / "b" / "z.png", png_bytes(501))
     with pytest.raises(DatasetError, match="has 2 usable image"):
         split_dataset(tmp_path)
+
+
+def test_split_folders_given_as_classes_are_refused_with_the_fix(tmp_path):
+    for split in ("train", "validation"):
+        for name in ("cats", "dogs"):
+            put(tmp_path / split / name / "x.png", png_bytes(hash((split, name)) % 200))
+    with pytest.raises(DatasetError) as caught:
+        scan_folder(tmp_path)
+    assert str(caught.value) == (
+        f"image folder {tmp_path} holds split folders (train, validation), not class folders: "
+        f"pass {tmp_path / 'train'} as the image folder and --validation-dir {tmp_path / 'validation'}"
+    )
+    # classes that merely share such names, with images directly inside, are classes
+    flat = tmp_path / "flat"
+    put(flat / "test" / "a.png", png_bytes(1))
+    put(flat / "train" / "b.png", png_bytes(2))
+    assert scan_folder(flat).classes == ["test", "train"]

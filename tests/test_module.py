@@ -1,6 +1,7 @@
 """Module handles: local folders, trust policy, hub cache, input spec and output checks."""
 
 import hashlib
+import json
 import shutil
 
 import pytest
@@ -101,3 +102,51 @@ def test_url_in_hub_cache_loads_offline(tiny_module, tmp_path, monkeypatch):
     loaded = load_module(handle)
     assert loaded.info.handle == handle
     assert loaded.info.fingerprint == fingerprint(tiny_module)
+
+
+HANDLE = "https://tfhub.dev/google/imagenet/mobilenet_v2_035_224/feature_vector/5"
+
+
+def _hub_entry(tmp_path, monkeypatch, handle=HANDLE):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+    return cache / hashlib.sha1(handle.encode("utf8")).hexdigest()
+
+
+def test_url_fingerprint_is_recorded_and_an_altered_cache_entry_refused(tiny_module, tmp_path, monkeypatch):
+    entry = _hub_entry(tmp_path, monkeypatch)
+    shutil.copytree(tiny_module, entry)
+    records = tmp_path / "records"
+    load_module(HANDLE, records_dir=records)
+    saved = json.loads((records / "modules.json").read_text())
+    assert saved[HANDLE]["fingerprint"] == fingerprint(tiny_module)
+    load_module(HANDLE, records_dir=records)  # same files: fine
+
+    other = save_tiny_module(tmp_path / "other", seed=7)  # a loadable module, other weights
+    shutil.rmtree(entry)
+    shutil.copytree(other, entry)
+    with pytest.raises(ModuleError) as caught:
+        load_module(HANDLE, records_dir=records)
+    message = str(caught.value)
+    assert message.startswith(f"module cache entry {entry} for {HANDLE} is damaged")
+    assert f"first loaded as {fingerprint(tiny_module)[:12]}" in message
+    assert "delete that folder" in message and "\n" not in message
+    assert json.loads((records / "modules.json").read_text()) == saved  # the record is not replaced
+
+
+def test_unversioned_urls_are_not_pinned(tiny_module, tmp_path, monkeypatch):
+    handle = HANDLE.rsplit("/", 1)[0]
+    shutil.copytree(tiny_module, _hub_entry(tmp_path, monkeypatch, handle))
+    load_module(handle, allow_unversioned=True, records_dir=tmp_path / "records")
+    assert not (tmp_path / "records" / "modules.json").exists()
+
+
+def test_damaged_cache_entries_are_one_clear_error(tiny_module, tmp_path, monkeypatch):
+    entry = _hub_entry(tmp_path, monkeypatch)
+    entry.mkdir(parents=True)
+    (entry / "variables").mkdir()  # an interrupted copy: no saved_model.pb
+    with pytest.raises(ModuleError, match=r"is damaged \(no saved_model.pb\): delete that folder"):
+        load_module(HANDLE, records_dir=tmp_path / "r1")
+    (entry / "saved_model.pb").write_bytes(b"\x08\x01truncated")
+    with pytest.raises(ModuleError, match=r"is damaged \(it cannot be loaded: .*\): delete that folder"):
+        load_module(HANDLE, records_dir=tmp_path / "r2")

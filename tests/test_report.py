@@ -218,11 +218,14 @@ def test_names_and_paths_are_escaped(evaluation, tmp_path):
     assert len(worst) == 1 and worst[0].startswith(f"3{CLASSES[2]}")  # number, then name
 
 
-def test_rerun_replaces_the_folder(evaluation, tmp_path):
+def test_rerun_needs_overwrite_then_replaces_the_folder(evaluation, tmp_path):
     out = tmp_path / "reports" / "out"
     report.write_report(evaluation, out)
     (out / "stray.txt").write_text("left from before")
-    paths = report.write_report(evaluation, out, max_mistakes=1)
+    with pytest.raises(OutputError, match="holds an earlier report: pass --overwrite"):
+        report.write_report(evaluation, out, max_mistakes=1)
+    assert (out / "stray.txt").exists()
+    paths = report.write_report(evaluation, out, max_mistakes=1, overwrite=True)
     assert not (out / "stray.txt").exists()
     assert sorted(p.name for p in (out / "mistakes").iterdir()) == ["mistake_001.jpg"]
     assert len(paths["mistakes"]) == 1
@@ -239,7 +242,7 @@ def test_failure_midway_keeps_the_previous_report(evaluation, tmp_path, monkeypa
 
     monkeypatch.setattr(report, "render_html", broken)  # fails after the PNG, CSVs and thumbnails
     with pytest.raises(RuntimeError, match="disk on fire"):
-        report.write_report(evaluation, out, max_mistakes=1)
+        report.write_report(evaluation, out, max_mistakes=1, overwrite=True)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert _siblings(out) == []
@@ -253,7 +256,7 @@ def test_refuses_a_folder_that_is_not_a_report(evaluation, tmp_path):
     mine = tmp_path / "holiday photos"
     mine.mkdir()
     (mine / "beach.jpg").write_bytes(b"precious")
-    with pytest.raises(OutputError, match="not an earlier report"):
+    with pytest.raises(OutputError, match="exists and is not empty: pass --overwrite"):
         report.write_report(evaluation, mine)
     assert (mine / "beach.jpg").read_bytes() == b"precious"
     (tmp_path / "empty").mkdir()

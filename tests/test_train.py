@@ -147,6 +147,6 @@ def test_failed_export_leaves_previous_output_intact(trained, tiny_module, colou
 
     monkeypatch.setattr(retrain.api, "export_tflite", broken)
     with pytest.raises(RuntimeError):
-        retrain.train(colour_dir, tiny_module, target, cache_dir=str(cache), **FAST)
+        retrain.train(colour_dir, tiny_module, target, cache_dir=str(cache), overwrite=True, **FAST)
     assert (target / "model.tflite").read_bytes() == before
     assert not list(tmp_path.glob(".target.partial-*"))
