@@ -11,7 +11,6 @@ import platform
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +38,7 @@ from .export import (
     save_serving_model,
     tflite_format,
 )
-from .files import replace_dir, write_atomic
+from .files import make_stage, replace_dir, write_atomic
 from .head import train_head
 from .images import iter_image_batches
 from .module import load_module
@@ -103,11 +102,10 @@ class _StagedOutput:
 
     def __init__(self, output: Path):
         self.output = output
-        self.stage = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.stage: Path | None = None
 
     def __enter__(self) -> Path:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.stage.mkdir()
+        self.stage = make_stage(self.output)
         return self.stage
 
     def __exit__(self, kind, value, traceback):

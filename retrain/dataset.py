@@ -238,6 +238,9 @@ def split_dataset(
         members = [i for i in main.images if i.label == label]
         if len(members) < needed:
             what = "no images" if not members else f"{len(members)} usable image(s)"
+            unusable = [s for s in main.skipped if s.get("unusable") and s.get("class") == name]
+            if unusable:
+                what = f"{len(members)} usable image(s) ({len(unusable)} unusable, e.g. {unusable[0]['path']}: {unusable[0]['reason']})"
             raise DatasetError(
                 f"class folder {Path(main.root) / name} has {what}: at least {needed} are needed "
                 f"to have one each in {', '.join(s for s, p in zip(SPLITS, (100, val_pct, test_pct)) if p > 0)}"

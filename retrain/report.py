@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import unicodedata
-import uuid
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import ConfigError, OutputError
-from .files import replace_dir
+from .files import make_stage, replace_dir
 from .images import MAX_PIXELS, to_rgb  # larger files than MAX_PIXELS get no thumbnail
 
 INDEX = "index.html"
@@ -66,9 +65,7 @@ def write_report(
         raise ConfigError(f"thumbnail_size must be at least 16 pixels, got {thumbnail_size}")
     target = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
     check_report_folder(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
+    stage = make_stage(target)
     try:
         written = _write_all(evaluation, stage, max_mistakes, thumbnail_size)
         replace_dir(stage, target)

@@ -632,7 +632,9 @@ def test_error_class_with_only_unusable_files(tmp_path):
     put(tmp_path / "b" / "zero.png", b"")
     with pytest.raises(DatasetError) as info:
         split_dataset(tmp_path)
-    assert str(info.value).startswith(f"class folder {tmp_path / 'b'} has no images")
+    assert str(info.value).startswith(
+        f"class folder {tmp_path / 'b'} has 0 usable image(s) (1 unusable, e.g. {tmp_path / 'b' / 'zero.png'}: empty file)"
+    )
 
 
 def test_error_class_with_two_images(tmp_path):

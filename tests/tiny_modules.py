@@ -10,8 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def save_tiny_module(path, size=32, dim=8, variable_size=False, output="vector", seed=0):
-    """Write a tiny module to ``path``; ``output``: "vector", "logits" (1001 values), "map" (rank 4)."""
+def save_tiny_module(path, size=32, dim=8, variable_size=False, output="vector", seed=0, work=0):
+    """Write a tiny module to ``path``; ``output``: "vector", "logits" (1001 values), "map" (rank 4).
+
+    ``work`` > 0 adds that many 384x384 matrix products per call (results unchanged), so a
+    crash test can stop a run in the middle of its extraction.
+    """
     import keras
     import tensorflow as tf
 
@@ -27,6 +31,7 @@ def save_tiny_module(path, size=32, dim=8, variable_size=False, output="vector",
             self.conv.bias.assign(rng.normal(scale=0.1, size=(dim - 3,)).astype(np.float32))
             self.pool = keras.layers.GlobalAveragePooling2D()
             self.logits = tf.Variable(rng.normal(size=(dim, 1001)).astype(np.float32)) if output == "logits" else None
+            self.busy = tf.Variable(np.eye(384, dtype=np.float32) * 0.5) if work else None
 
         @tf.function
         def __call__(self, images, training=False):
@@ -34,6 +39,11 @@ def save_tiny_module(path, size=32, dim=8, variable_size=False, output="vector",
             if output == "map":
                 return mapped
             features = tf.concat([self.pool(images), self.pool(mapped)], axis=1)
+            if work:
+                product = self.busy
+                for _ in range(work):
+                    product = tf.matmul(product, self.busy)
+                features += 0.0 * tf.reduce_min(tf.abs(product))  # depends on the work, changes nothing
             if output == "logits":
                 return tf.matmul(features, self.logits)
             return features
