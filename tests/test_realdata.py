@@ -35,7 +35,8 @@ def run(command: str, out: Path, cache: Path) -> subprocess.CompletedProcess:
 def test_readme_quick_start_on_cats_and_dogs(real_data, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     commands = readme_commands()
-    assert [c.split()[1] for c in commands] == ["train", "evaluate", "evaluate", "predict"]
+    assert [c.split()[1] for c in commands] == ["train", "evaluate", "evaluate", "predict", "train"]
+    assert commands[4] == commands[0].replace(" --json", " --overwrite --json")
 
     first = run(commands[0], out, cache)
     assert first.returncode == 0, first.stderr
@@ -68,7 +69,7 @@ def test_readme_quick_start_on_cats_and_dogs(real_data, tmp_path):
     assert predicted.returncode == 0, predicted.stderr
     assert re.match(r".*cat\.2000\.jpg: cats \d\.\d{4}, dogs \d\.\d{4}$", predicted.stdout.strip())
 
-    second = run(commands[0], out, cache)
+    second = run(commands[4], out, cache)
     assert second.returncode == 0, second.stderr
     again = json.loads(second.stdout)
     assert (again["cache"]["hits"], again["cache"]["misses"]) == (2000, 0)

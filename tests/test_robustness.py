@@ -141,3 +141,25 @@ def test_every_user_error_is_one_line_exit_1_and_writes_nothing(case, tiny_modul
     assert after == [p for p in before if not any((tmp_path / p).is_relative_to(s) for s in scratch)]
     if case == "offline_download":  # no partial download or lock file left behind
         assert not [p for p in (tmp_path / "hub").rglob("*") if p.is_file()]
+
+
+def test_unicode_spaces_and_quotes_in_names(tiny_module, colour_dir, tmp_path):
+    import json
+
+    names = {"blue": 'bleu "ciel"', "green": "vert 🌿 d'été", "red": "rouge vif"}
+    data = tmp_path / "mes données ' \""
+    for source, name in names.items():
+        for index, path in enumerate(sorted((colour_dir / source).iterdir())):
+            (data / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, data / name / f"photo n°{index} 'été' \"x\".jpg")
+    out = tmp_path / "sortie é"
+    result = CliRunner().invoke(main, ["train", str(data), "-m", tiny_module, "-o", str(out), "--cache-dir",
+                                       str(tmp_path / "c"), "--json", "--epochs", "30", "--learning-rate", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["classes"] == sorted(names.values())
+    assert (out / "labels.txt").read_text(encoding="utf-8").splitlines() == sorted(names.values())
+    image = data / names["green"] / "photo n°3 'été' \"x\".jpg"
+    predicted = CliRunner().invoke(main, ["predict", str(out / "model.tflite"), str(image), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    line = json.loads(predicted.stdout)
+    assert line["path"] == str(image) and line["top"][0]["class"] == names["green"]
