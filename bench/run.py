@@ -137,6 +137,9 @@ def main(argv=None) -> int:
     except BenchError as error:
         print(f"bench: {error}", file=sys.stderr)
         return 1
+    # On a GPU, TensorFlow takes all of its memory by default, and the parts run `retrain train`
+    # and the baseline in child processes beside this one: every process takes what it uses.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     from .machine import describe, one_line
 
     started = time.perf_counter()
