@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          "[DATA/cats_and_dogs_filtered/train]")
     parser.add_argument("--extract-dir", help="labelled image folder for part 1 [same as --images]")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder for the JSON [bench/results]")
-    parser.add_argument("--work", help="scratch folder (default: a new one in the system's temporary folder)")
+    parser.add_argument("--work", help="where the run's scratch folder goes [the system's temporary folder]")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     sizes = parser.add_argument_group("sizes (defaults: full run; --quick picks smaller ones)")
@@ -86,7 +86,7 @@ def make_context(args) -> Context:
     module = Path(args.module).expanduser().resolve() if args.module else data / "modules" / "mobilenet_v2_035_224"
     images = Path(args.images).expanduser().resolve() if args.images else data / "cats_and_dogs_filtered" / "train"
     extract_dir = Path(args.extract_dir).expanduser().resolve() if args.extract_dir else images
-    missing = [str(p) for p in (module, images, extract_dir) if not p.is_dir()]
+    missing = [str(p) for p in dict.fromkeys((module, images, extract_dir)) if not p.is_dir()]
     if missing:
         raise BenchError(f"data missing: {', '.join(missing)} (pass --data DIR or set RETRAIN_DATA)")
     sizes = dict(QUICK if args.quick else FULL)
@@ -94,10 +94,13 @@ def make_context(args) -> Context:
         value = getattr(args, name, None)
         if value is not None:
             sizes[name] = value
-    work = Path(args.work).expanduser().resolve() if args.work else Path(tempfile.mkdtemp(prefix="retrain-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    if work == ROOT or ROOT in work.parents:
-        raise BenchError(f"scratch folder {work} is inside the repository: choose one outside it")
+    parent = Path(args.work).expanduser().resolve() if args.work else None
+    if parent is not None and (parent == ROOT or ROOT in parent.parents):
+        raise BenchError(f"scratch folder {parent} is inside the repository: choose one outside it")
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    # A new folder every run, so that a "cold" cache is empty.
+    work = Path(tempfile.mkdtemp(prefix="retrain-bench-", dir=parent))
     return Context(data=data, module=module, images=images, extract_dir=extract_dir, work=work, quick=args.quick, sizes=sizes)
 
 
@@ -185,10 +188,10 @@ def main(argv=None) -> int:
     path = results / f"{stamp}{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"results: {path}")
-    if not args.keep and not args.work:
-        shutil.rmtree(ctx.work, ignore_errors=True)
-    elif args.keep:
+    if args.keep:
         print(f"scratch kept: {ctx.work}")
+    else:
+        shutil.rmtree(ctx.work, ignore_errors=True)
     return 1 if failed or (args.strict and met < len(checked)) else 0
 
 
