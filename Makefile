@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 MODULE ?= ../shared/data/modules/mobilenet_v2_035_224
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install test demo bench sample-data clean
 
@@ -23,6 +24,11 @@ test: install
 
 demo: install
 	$(BIN)/retrain train sample_data --module $(MODULE) --output $(DEMO_OUT) --overwrite
+
+# Benchmarks on ../shared/data (not part of `make test`): a table of ratios, JSON in bench/results/.
+# `make bench BENCH_ARGS="--quick"` for a smoke run; `--only baseline --images DIR` for other data.
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 sample-data: install
 	$(BIN)/python scripts/make_sample_data.py

@@ -13,9 +13,10 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -42,17 +43,6 @@ class BottleneckCache:
             return []
         return sorted(p for p in self.dir.iterdir() if p.suffix == ".npz" and not p.name.startswith("."))
 
-    def _read_shard(self, path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                keys, vectors, checksum = data["keys"], data["vectors"], str(data["checksum"])
-            if keys.shape[0] != vectors.shape[0] or _checksum(keys, vectors) != checksum:
-                raise ValueError("checksum mismatch")
-            return keys, vectors
-        except Exception:
-            self._set_aside(path)
-            return None
-
     def _set_aside(self, path: Path) -> None:
         """Move a damaged shard out of the way (kept for inspection), so its vectors are recomputed."""
         self.corrupt.append(str(path))
@@ -63,20 +53,40 @@ class BottleneckCache:
 
     def lookup(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """The cached vectors of ``keys`` (content hashes) that are present and intact."""
-        wanted = set(keys)
         found: dict[str, np.ndarray] = {}
+        for shard_keys, vectors in self.iter_cached(keys):
+            found.update(zip(shard_keys, vectors))
+        return found
+
+    def iter_cached(self, keys: Sequence[str]) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(keys, vectors [n, dim])`` per intact shard, for the wanted ``keys`` it holds (each once).
+
+        A shard's vectors are read, and its checksum verified, only when its keys include a
+        wanted one: a large cache of other images costs a read of their keys, not of their vectors.
+        """
+        wanted = set(keys)
         for path in self._shards():
             if not wanted:
                 break
-            shard = self._read_shard(path)
-            if shard is None:
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    shard_keys = data["keys"]
+                    listed = shard_keys.tolist()
+                    if wanted.isdisjoint(listed):
+                        continue
+                    vectors, checksum = data["vectors"], str(data["checksum"])
+                if shard_keys.shape[0] != vectors.shape[0] or _checksum(shard_keys, vectors) != checksum:
+                    raise ValueError("checksum mismatch")
+            except Exception:  # noqa: BLE001 - any damage (bad zip, missing member, bad array) sets the shard aside
+                self._set_aside(path)
                 continue
-            shard_keys, vectors = shard
-            for row, key in enumerate(shard_keys.tolist()):
+            hits, rows = [], []
+            for row, key in enumerate(listed):
                 if key in wanted:
-                    found[key] = vectors[row]
                     wanted.discard(key)
-        return found
+                    hits.append(key)
+                    rows.append(row)
+            yield hits, vectors[rows]
 
     def write(self, keys: Sequence[str], vectors: np.ndarray) -> Path:
         """Write one shard atomically: temporary file, fsync, rename."""
@@ -116,9 +126,72 @@ def clean_stale_temporaries(root: str | os.PathLike, older_than_s: float = 3600)
     return removed
 
 
+class VectorStore(Mapping):
+    """Vectors by key, kept in an anonymous temporary file rather than in memory.
+
+    Extraction appends each batch's vectors here as it goes, so its memory does not grow with
+    the number of images; reading maps the file. The file lives beside the cache shards (on
+    the same disk; the system's temporary folder when that is read-only) and has no name, so
+    nothing is left behind when the process ends, however it ends.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self._directory = directory
+        self._file = None
+        self._rows: dict[str, int] = {}
+        self._count = 0
+        self._dim = 0
+        self._mapped = None
+        self._mapped_rows = 0
+
+    def _open(self):
+        import tempfile
+
+        if self._directory is not None:
+            try:
+                Path(self._directory).mkdir(parents=True, exist_ok=True)
+                return tempfile.TemporaryFile(dir=self._directory, prefix=".tmp-vectors-")
+            except OSError:
+                pass
+        return tempfile.TemporaryFile(prefix="retrain-vectors-")
+
+    def add(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        """Append ``vectors`` [n, dim] under ``keys``; a key added again points at its newest row."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(keys) != len(vectors):
+            raise ValueError(f"{len(keys)} keys for {len(vectors)} vectors")
+        if not len(keys):
+            return
+        if self._file is None:
+            self._file = self._open()
+            self._dim = vectors.shape[1]
+        elif vectors.shape[1] != self._dim:
+            raise ValueError(f"vectors of dimension {vectors.shape[1]} added to a store of dimension {self._dim}")
+        self._file.write(vectors.tobytes())
+        self._rows.update(zip(keys, range(self._count, self._count + len(keys))))
+        self._count += len(keys)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        row = self._rows[key]
+        if row >= self._mapped_rows:
+            self._file.flush()
+            self._mapped = np.memmap(self._file, dtype=np.float32, mode="r", shape=(self._count, self._dim))
+            self._mapped_rows = self._count
+        return np.array(self._mapped[row])
+
+    def __contains__(self, key) -> bool:
+        return key in self._rows
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
 @dataclass
 class Bottlenecks:
-    vectors: dict[str, np.ndarray]  # content hash -> vector
+    vectors: VectorStore  # content hash -> vector (a Mapping)
     hits: int
     misses: int
     skipped: list[dict] = field(default_factory=list)  # {path, reason}
@@ -126,55 +199,95 @@ class Bottlenecks:
     computed_seconds: float = 0.0
 
 
+def _forward_function(module):
+    """uint8 batch -> features: the module called through one traced function, traced once per
+    loaded module and kept with it (the cast and scaling run on the module's device, beside it)."""
+    forward = getattr(module, "_bottleneck_forward", None)
+    if forward is None:
+        tf = _tf()
+        spec = module.info.input_spec
+
+        @tf.function(input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)], autograph=False)
+        def forward(batch):
+            return module.features(to_module_input(batch, spec.value_range))
+
+        module._bottleneck_forward = forward
+    return forward
+
+
 def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64) -> Bottlenecks:
     """Vectors for ``images`` (dataset.ImageFile): from the cache, computing and storing the misses.
 
     Identical content is computed once. Vectors go to disk every ``SHARD_SIZE`` images, so
-    memory stays flat and a killed run loses at most one shard of work.
+    memory stays flat and a killed run loses at most one shard of work; the result's vectors
+    are read back from disk (see ``VectorStore``).
+
+    The hot path has no Python per image: decoding runs in parallel ahead of the module
+    (``iter_image_batches``), each batch goes to the module as a tensor, and while one batch
+    is computed the previous one's vectors are stored and shards are written by another thread.
     """
-    tf = _tf()
     unique: dict[str, object] = {}
     for image in images:
         unique.setdefault(image.content_hash, image)
-    cached = cache.lookup(list(unique))
-    todo = [image for key, image in unique.items() if key not in cached]
-    result = Bottlenecks(vectors=dict(cached), hits=len(cached), misses=len(todo), corrupt_shards=list(cache.corrupt))
+    store = VectorStore(cache.dir)
+    hits = 0
+    for keys, vectors in cache.iter_cached(list(unique)):
+        store.add(keys, vectors)
+        hits += len(keys)
+    todo = [image for key, image in unique.items() if key not in store]
+    result = Bottlenecks(vectors=store, hits=hits, misses=len(todo), corrupt_shards=list(cache.corrupt))
     if not todo:
         return result
     spec = module.info.input_spec
-
-    @tf.function(input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)], autograph=False)
-    def forward(batch):
-        return module.features(to_module_input(batch, spec.value_range))
-
+    forward = _forward_function(module)
+    todo_keys = [image.content_hash for image in todo]
     started = time.perf_counter()
     pending_keys: list[str] = []
     pending_vectors: list[np.ndarray] = []
 
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    writing = None
+
     def flush():
+        nonlocal writing
         if pending_keys:
-            cache.write(pending_keys, np.concatenate(pending_vectors))
+            if writing is not None:
+                writing.result()  # one shard in flight at most: memory stays bounded
+            writing = writer.submit(cache.write, list(pending_keys), np.concatenate(pending_vectors))
             pending_keys.clear()
             pending_vectors.clear()
 
-    with progress.bar(total=len(todo), desc="bottlenecks", unit="img") as bar:
-        batches = iter_image_batches(
-            [i.path for i in todo], [i.decoder for i in todo], spec.height, spec.width, batch_size
-        )
-        for indices, pixels, skipped in batches:
-            for index, reason in skipped:
-                result.skipped.append({"path": todo[index].path, "reason": reason})
-            if pixels is not None and len(indices):
-                vectors = forward(tf.constant(pixels)).numpy()
-                for index, vector in zip(indices.tolist(), vectors):
-                    key = todo[index].content_hash
-                    result.vectors[key] = vector
-                    pending_keys.append(key)
-                pending_vectors.append(vectors)
-                if len(pending_keys) >= SHARD_SIZE:
-                    flush()
-            bar.update(len(indices) + len(skipped))
-        flush()
+    def store_batch(indices, features):
+        keys = [todo_keys[index] for index in indices.tolist()]
+        vectors = features.numpy()
+        store.add(keys, vectors)
+        pending_keys.extend(keys)
+        pending_vectors.append(vectors)
+        if len(pending_keys) >= SHARD_SIZE:
+            flush()
+
+    try:
+        with progress.bar(total=len(todo), desc="bottlenecks", unit="img") as bar:
+            batches = iter_image_batches(
+                [i.path for i in todo], [i.decoder for i in todo], spec.height, spec.width, batch_size, as_tensors=True
+            )
+            in_flight = None  # the batch the module is computing; read back after the next one is queued
+            for indices, pixels, skipped in batches:
+                for index, reason in skipped:
+                    result.skipped.append({"path": todo[index].path, "reason": reason})
+                if pixels is not None and len(indices):
+                    computing = (indices, forward(pixels))
+                    if in_flight is not None:
+                        store_batch(*in_flight)
+                    in_flight = computing
+                bar.update(len(indices) + len(skipped))
+            if in_flight is not None:
+                store_batch(*in_flight)
+            flush()
+            if writing is not None:
+                writing.result()
+    finally:
+        writer.shutdown(wait=True)
     result.computed_seconds = time.perf_counter() - started
     return result
 

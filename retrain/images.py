@@ -14,9 +14,10 @@ and the rest. A file neither can decode is reported as skipped with the reason.
 from __future__ import annotations
 
 import io
+import os
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -217,12 +218,20 @@ def iter_image_batches(
     height: int,
     width: int,
     batch_size: int,
+    *,
+    as_tensors: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[tuple[int, str]]]]:
     """Yield ``(indices, uint8 batch [n,H,W,3], skipped)`` over ``paths``.
 
     ``decoders[i]`` is the probe's choice for ``paths[i]``. Indices refer to ``paths``;
     ``skipped`` lists ``(index, reason)`` for files that could not be decoded (the batch can
     then be ``None``). Batches from the TensorFlow pipeline come first, then the Pillow ones.
+    With ``as_tensors`` the batches are ``tf.Tensor`` (the pipeline's own, not copied through
+    NumPy), for callers that hand them straight to a TensorFlow function.
+
+    The TensorFlow files are decoded by parallel ``tf.data`` calls ahead of the consumer; the
+    Pillow files by a thread pool, one batch ahead, so either kind of decoding overlaps the
+    caller's work on the previous batch.
     """
     tf = _tf()
     tf_indices = [i for i, d in enumerate(decoders) if d == "tf"]
@@ -238,21 +247,54 @@ def iter_image_batches(
         )
         # A file TensorFlow cannot decode is dropped here and retried with Pillow below.
         dataset = dataset.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
-        seen = set()
+        seen = np.zeros(len(paths), dtype=bool)
         for indices, batch in dataset:
             indices = indices.numpy()
-            seen.update(indices.tolist())
-            yield indices, batch.numpy(), []
-        pillow_indices = sorted(pillow_indices + [i for i in tf_indices if i not in seen])
-    for start in range(0, len(pillow_indices), batch_size):
-        good, pixels, skipped = [], [], []
-        for index in pillow_indices[start : start + batch_size]:
-            try:
-                with open(paths[index], "rb") as handle:
-                    data = handle.read()
-                pixels.append(_pillow_resized(data, height, width))
-                good.append(index)
-            except (OSError, ValueError) as error:
-                skipped.append((index, str(error) if isinstance(error, ValueError) else _reason(error)))
-        batch = np.stack(pixels) if pixels else None
-        yield np.asarray(good, dtype=np.int64), batch, skipped
+            seen[indices] = True
+            yield indices, (batch if as_tensors else batch.numpy()), []
+        pillow_indices = sorted(pillow_indices + [i for i in tf_indices if not seen[i]])
+    yield from _pillow_batches(paths, pillow_indices, height, width, batch_size, as_tensors)
+
+
+def _pillow_read_resized(path: str, height: int, width: int):
+    """One file through Pillow: pixels, or the one-line reason it cannot be used."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        return _pillow_resized(data, height, width), None
+    except (OSError, ValueError) as error:
+        return None, (str(error) if isinstance(error, ValueError) else _reason(error))
+
+
+def _pillow_batches(paths, indices, height, width, batch_size, as_tensors):
+    if not indices:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    # Pillow and the resize release the GIL while they work, so threads decode in parallel.
+    pool = ThreadPoolExecutor(max_workers=min(batch_size, os.cpu_count() or 1), thread_name_prefix="pillow-decode")
+
+    def submit(chunk):
+        return [pool.submit(_pillow_read_resized, paths[index], height, width) for index in chunk]
+
+    try:
+        pending = submit(chunks[0])
+        for number, chunk in enumerate(chunks):
+            futures = pending
+            if number + 1 < len(chunks):
+                pending = submit(chunks[number + 1])  # decode the next batch while this one is used
+            good, pixels, skipped = [], [], []
+            for index, future in zip(chunk, futures):
+                image, reason = future.result()
+                if reason is None:
+                    good.append(index)
+                    pixels.append(image)
+                else:
+                    skipped.append((index, reason))
+            batch = np.stack(pixels) if pixels else None
+            if batch is not None and as_tensors:
+                batch = _tf().constant(batch)
+            yield np.asarray(good, dtype=np.int64), batch, skipped
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -69,3 +69,66 @@ def test_duplicate_content_is_computed_once(tiny_module, colour_dir, tmp_path):
     cache = BottleneckCache(tmp_path / "c", module.info.fingerprint, module.info.input_spec.key())
     result = extract_bottlenecks(scan_folder(data).images, module, cache)
     assert result.misses == 30
+
+
+def test_vectors_are_read_back_from_disk_not_kept_in_memory(tiny_module, colour_dir, tmp_path):
+    from retrain.bottlenecks import VectorStore
+
+    module = load_module(tiny_module)
+    cache = BottleneckCache(tmp_path, module.info.fingerprint, module.info.input_spec.key())
+    result = extract_bottlenecks(_images(colour_dir), module, cache, batch_size=4)
+    assert isinstance(result.vectors, VectorStore)
+    stored = cache.lookup(list(result.vectors))
+    assert len(stored) == 30
+    for key, vector in stored.items():
+        np.testing.assert_array_equal(result.vectors[key], vector)
+    assert not [p for p in cache.dir.iterdir() if p.name.startswith(".tmp-")]  # the store's file has no name
+
+
+def test_vector_store_maps_keys_to_rows_as_it_grows(tmp_path):
+    import pytest
+
+    from retrain.bottlenecks import VectorStore
+
+    store = VectorStore(tmp_path / "store")
+    assert len(store) == 0 and "a" not in store
+    store.add(["a", "b"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(store["b"], [3, 4, 5])
+    store.add(["c"], np.full((1, 3), 7.0))
+    store.add([], np.zeros((0, 3), np.float32))
+    np.testing.assert_array_equal(store["c"], [7, 7, 7])
+    np.testing.assert_array_equal(store["a"], [0, 1, 2])
+    assert sorted(store) == ["a", "b", "c"] and len(store) == 3
+    store["a"][0] = 99  # a copy: the store does not change
+    assert store["a"][0] == 0
+    with pytest.raises(KeyError):
+        store["z"]
+    with pytest.raises(ValueError, match="dimension"):
+        store.add(["d"], np.zeros((1, 4), np.float32))
+
+
+def test_vector_store_falls_back_to_the_temporary_folder(tmp_path):
+    from retrain.bottlenecks import VectorStore
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    store = VectorStore(blocked / "cache")
+    store.add(["a"], np.ones((1, 2), np.float32))
+    np.testing.assert_array_equal(store["a"], [1, 1])
+
+
+def test_lookup_reads_only_shards_holding_wanted_keys(tiny_module, colour_dir, tmp_path):
+    module = load_module(tiny_module)
+    images = _images(colour_dir)
+    cache = BottleneckCache(tmp_path, module.info.fingerprint, module.info.input_spec.key())
+    extract_bottlenecks(images[:10], module, cache)
+    (first,) = list(cache.dir.glob("*.npz"))
+    extract_bottlenecks(images[10:], module, cache)
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damage the vectors of the first shard only
+    first.write_bytes(bytes(data))
+    fresh = BottleneckCache(tmp_path, module.info.fingerprint, module.info.input_spec.key())
+    others = extract_bottlenecks(images[10:], module, fresh)
+    assert (others.hits, others.misses, others.corrupt_shards) == (20, 0, [])  # the damaged shard was not read
+    again = extract_bottlenecks(images, module, fresh)
+    assert (again.hits, again.misses, len(again.corrupt_shards)) == (20, 10, 1)

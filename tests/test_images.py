@@ -487,3 +487,40 @@ def test_iter_image_batches_reports_a_file_that_vanished(tmp_path):
     _, pixels, skipped, _ = collect(paths, ["pillow", "pillow"], 4)
     assert list(pixels) == [0]
     assert list(skipped) == [1] and skipped[1]
+
+
+def test_iter_image_batches_as_tensors_gives_the_same_pixels(mixed_files):
+    paths, decoders = mixed_files
+    _, expected, expected_skipped, _ = collect(paths, decoders, 4)
+    seen, skipped = {}, {}
+    for indices, batch, skips in iter_image_batches(paths, decoders, H, W, 4, as_tensors=True):
+        if batch is not None:
+            assert not isinstance(batch, np.ndarray) and batch.dtype.name == "uint8"
+            for position, index in enumerate(indices.tolist()):
+                seen[index] = batch[position].numpy()
+        skipped.update(skips)
+    assert sorted(seen) == sorted(expected) and skipped == expected_skipped
+    for index, pixels in seen.items():
+        assert np.array_equal(pixels, expected[index])
+
+
+def test_iter_image_batches_pillow_files_over_many_batches_keep_their_order(tmp_path):
+    colours = [(i * 9, 255 - i * 9, i * 3) for i in range(23)]
+    paths = [write(tmp_path, f"{i}.bmp", encode(solid(c), "BMP")) for i, c in enumerate(colours)]
+    paths.insert(7, str(tmp_path / "missing.bmp"))
+    order, pixels, skipped, batches = collect(paths, ["pillow"] * len(paths), 4)
+    assert order == [i for i in range(len(paths)) if i != 7]
+    assert list(skipped) == [7]
+    assert [len(b[0]) + len(b[2]) for b in batches] == [4] * 6
+    for index, colour in enumerate(colours):
+        assert_colour(pixels[index if index < 7 else index + 1], colour, 0)
+
+
+def test_iter_image_batches_stopped_early_leaves_no_decoder_running(tmp_path):
+    import threading
+
+    paths = [write(tmp_path, f"{i}.bmp", encode(solid((i, i, i)), "BMP")) for i in range(40)]
+    batches = iter_image_batches(paths, ["pillow"] * 40, H, W, 4)
+    next(batches)
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("pillow-decode")]

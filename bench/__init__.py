@@ -1,0 +1,1 @@
+"""Benchmarks of retrain (not tests): ``python -m bench.run`` or ``make bench``."""
