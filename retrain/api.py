@@ -36,6 +36,7 @@ from .export import (
     build_serving_model,
     export_tflite,
     save_serving_model,
+    tflite_converter,
     tflite_format,
 )
 from .files import make_stage, replace_dir, write_atomic
@@ -208,9 +209,10 @@ def write_tflite_variants(saved_model_dir: Path, directory: Path, formats, class
     Quantized variants are compared with float32's accuracy: the one written now, else
     ``float32_accuracy`` (from an earlier export)."""
     paths, figures, warnings = {}, {}, []
+    converter = tflite_converter(saved_model_dir)
     for name in formats:
         fmt = TFLITE_FORMATS[name]
-        path = export_tflite(saved_model_dir, directory / fmt.filename, name, classes, representative, metadata)
+        path = export_tflite(saved_model_dir, directory / fmt.filename, name, classes, representative, metadata, converter)
         paths[name] = path
         if test.pixels is not None:
             figures[name] = check_tflite(path, test.reference, test.pixels, test.labels)

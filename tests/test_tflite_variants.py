@@ -136,3 +136,37 @@ def test_export_int8_calibrates_on_training_images_only(all_formats, tmp_path, m
     retrain.export(copy, ["int8"])
     split = retrain.api.split_dataset(json.loads((copy / "run.json").read_text())["image_dir"])
     assert {i.path for i in seen} == {i.path for i in split.train}
+
+
+def test_one_reused_converter_writes_the_same_files_as_fresh_ones(all_formats, tmp_path):
+    from retrain.export import export_tflite, tflite_converter
+
+    _, out = all_formats
+    saved_model = out / "saved_model"
+    rng = np.random.default_rng(0)
+    representative = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(8)]
+    labels = ["blue", "green", "red"]
+    order = ["int8", "float16", "dynamic", "float32"]  # int8 first: its settings must not leak
+    shared = tflite_converter(saved_model)
+    for name in order:
+        reused = export_tflite(saved_model, tmp_path / f"reused_{name}.tflite", name, labels, representative, converter=shared)
+        fresh = export_tflite(saved_model, tmp_path / f"fresh_{name}.tflite", name, labels, representative)
+        _same_tensors(reused, fresh)
+
+
+def _same_tensors(a, b) -> None:
+    """Same graph tensors, quantization and constant values (the bytes may differ in generated names)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    first, second = Interpreter(str(a)), Interpreter(str(b))  # not allocated: only constants have data
+    pairs = list(zip(first.get_tensor_details(), second.get_tensor_details(), strict=True))
+    compared = 0
+    for x, y in pairs:
+        assert (list(x["shape"]), x["dtype"], x["quantization"]) == (list(y["shape"]), y["dtype"], y["quantization"])
+        try:
+            value = first.get_tensor(x["index"])
+        except ValueError:  # no data before allocation: not a constant
+            continue
+        np.testing.assert_array_equal(value, second.get_tensor(y["index"]))
+        compared += 1
+    assert compared > 0
