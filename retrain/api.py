@@ -40,7 +40,7 @@ from .export import (
     tflite_format,
 )
 from .files import replace_dir, write_atomic
-from .head import train_head
+from .head import balanced_class_weights, class_counts, train_head
 from .images import iter_image_batches
 from .module import load_module
 from .runner import SavedModelRunner, TFLiteRunner, load_model, read_run_info
@@ -65,6 +65,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     artifacts: dict = field(default_factory=dict)
     head: dict = field(default_factory=dict)
+    class_balance: dict = field(default_factory=dict)  # train images per class, imbalance ratio, class weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -291,11 +292,21 @@ def train(
         setattr(split, name, [i for i in getattr(split, name) if i.content_hash in bottlenecks.vectors])
     _check_unusable(split, skipped, config.max_unusable_fraction)
     dim = loaded.info.feature_dim
+    n_classes = len(split.classes)
 
-    mark = time.perf_counter()
     train_x, train_y = _arrays(split.train, bottlenecks.vectors, dim)
     val_x, val_y = _arrays(split.validation, bottlenecks.vectors, dim)
-    head = train_head(train_x, train_y, val_x, val_y, len(split.classes), config)
+    counts = class_counts(train_y, n_classes)
+    class_weights = balanced_class_weights(train_y, n_classes) if config.class_weight == "balanced" else None
+    class_balance = {
+        "class_counts": {name: int(count) for name, count in zip(split.classes, counts)},
+        "imbalance_ratio": round(float(counts.max() / max(counts.min(), 1)), 3),
+        "class_weight": config.class_weight,
+        "class_weights": None if class_weights is None else {split.classes[c]: round(w, 4) for c, w in class_weights.items()},
+    }
+
+    mark = time.perf_counter()
+    head = train_head(train_x, train_y, val_x, val_y, n_classes, config, class_weights)
     timings["train"] = time.perf_counter() - mark
 
     metrics: dict = {}
@@ -350,6 +361,7 @@ def train(
             warnings=list(split.warnings),
             artifacts=artifacts,
             head={"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "seconds": round(head.seconds, 3)},
+            class_balance=class_balance,
         )
         run = {
             "tool": "retrain",
@@ -361,6 +373,7 @@ def train(
             "split": result.split,
             "split_per_class": result.split_per_class,
             "head": result.head,
+            "class_balance": class_balance,
             "metrics_file": METRICS_FILE,
             "cache": {"hits": bottlenecks.hits, "misses": bottlenecks.misses},
             "skipped": skipped,

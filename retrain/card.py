@@ -9,6 +9,19 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _training_lines(run: dict) -> list[str]:
+    config, lines = run["config"], []
+    head = run.get("head", {})
+    lines.append(f"- head: {head.get('epochs_run', '?')} epoch(s), best epoch {head.get('best_epoch', '?')}, "
+                 f"{config['optimizer']} learning rate {config['learning_rate']:g}")
+    balance = run.get("class_balance")
+    if balance:
+        counts = balance["class_counts"]
+        lines.append(f"- class balance: {min(counts.values())}-{max(counts.values())} training images per class "
+                     f"(imbalance ratio {balance['imbalance_ratio']:.2f}); class weights: {balance['class_weight']}")
+    return lines
+
+
 def model_card(run: dict, metrics: dict) -> str:
     module = run["module"]
     spec = module["input_spec"]
@@ -26,6 +39,8 @@ def model_card(run: dict, metrics: dict) -> str:
         f"- fingerprint (SHA-256 of its files): `{module['fingerprint']}`",
         f"- input: {height}x{width} RGB, values scaled to [{spec['value_range'][0]:g}, {spec['value_range'][1]:g}]"
         f"; feature vector of {module['feature_dim']} values",
+    ]
+    lines += ["", "## Training", ""] + _training_lines(run) + [
         "",
         f"## Classes ({len(classes)})",
         "",

@@ -7,7 +7,7 @@ import json
 import click
 
 from . import __version__, progress
-from .config import TrainConfig
+from .config import CLASS_WEIGHTS, TrainConfig
 from .errors import RetrainError
 
 QUANTIZE_CHOICES = ("int8", "float16", "dynamic", "none")
@@ -85,6 +85,9 @@ def main():
 @click.option("--image-size", type=int, help="Input size for modules that accept any size (or to check a fixed one).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Bottleneck cache folder [default: ~/.cache/retrain].")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
+@click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), default=DEFAULTS.class_weight, show_default=True,
+              help="'balanced' weighs each class's images by n_images / (n_classes * class count) in the loss, "
+                   "so a small class is not outvoted.")
 @click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), multiple=True,
               help="TFLite variant(s) beside float32, repeatable; 'none' for float32 only.  [default: int8]")
 @click.option("--max-accuracy-drop", type=float, default=DEFAULTS.max_accuracy_drop, show_default=True,
@@ -117,14 +120,27 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
     click.echo(f"images: {split['train']} train, {split['validation']} validation, {split['test']} test")
     click.echo(f"bottlenecks: {result.cache['misses']} computed, {result.cache['hits']} from cache "
                f"({result.timings['bottlenecks']:.1f} s)")
+    _balance_line(result.class_balance)
     if "validation" in result.metrics:
         click.echo(f"validation accuracy: {result.metrics['validation']['accuracy']:.4f}")
     if "test" in result.metrics:
-        click.echo(f"test accuracy: {result.metrics['test']['accuracy']:.4f} (SavedModel, {result.metrics['test']['n_images']} images)")
+        test = result.metrics["test"]
+        click.echo(f"test accuracy: {test['accuracy']:.4f} (SavedModel, {test['n_images']} images)")
+        click.echo("test recall per class: " + ", ".join(f"{name} {row['recall']:.4f}" for name, row in test["per_class"].items()))
     _tflite_table(result.metrics.get("tflite", {}))
     click.echo(f"model: {result.output}")
     for name, path in result.artifacts.items():
         click.echo(f"  {name}: {path}")
+
+
+def _balance_line(balance: dict) -> None:
+    counts = balance["class_counts"]
+    largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+    line = (f"class balance: {counts[smallest]}-{counts[largest]} training images per class, imbalance "
+            f"{balance['imbalance_ratio']:.2f} ({largest} / {smallest}); class weights: {balance['class_weight']}")
+    if balance["class_weight"] == "none" and balance["imbalance_ratio"] >= 2:
+        line += " (try --class-weight balanced)"
+    click.echo(line)
 
 
 @main.command()

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 OPTIMIZERS = ("adam", "sgd")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 def default_cache_dir() -> Path:
@@ -52,6 +53,8 @@ class TrainConfig:
     l2: float = 1e-4
     label_smoothing: float = 0.1
     seed: int = 0
+    # imbalanced classes: "balanced" weighs each class by n_images / (n_classes * its count)
+    class_weight: str = "none"
     # export
     quantize: tuple[str, ...] = ("int8",)  # TFLite variants beside float32, see export.TFLITE_FORMATS
     max_accuracy_drop: float = 2.0  # points a quantized variant may lose against float32 before a warning
@@ -82,6 +85,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
                               + _did_you_mean(self.optimizer, OPTIMIZERS))
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ConfigError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
+                              + _did_you_mean(self.class_weight, CLASS_WEIGHTS))
         object.__setattr__(self, "quantize", tuple(self.quantize))
         object.__setattr__(self, "trust_hosts", tuple(h.lower() for h in self.trust_hosts))
         if not 0 <= self.max_unusable_fraction <= 1:
@@ -118,4 +124,4 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS"]
+__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS", "CLASS_WEIGHTS"]
