@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .augment import DEFAULT_AUGMENTATION, augmented_cache, extract_augmented_bottlenecks
 from .bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
 from .card import model_card
 from .config import TrainConfig
@@ -66,6 +67,7 @@ class TrainResult:
     artifacts: dict = field(default_factory=dict)
     head: dict = field(default_factory=dict)
     class_balance: dict = field(default_factory=dict)  # train images per class, imbalance ratio, class weights
+    augment: dict = field(default_factory=dict)  # settings and augmented copies (empty without --augment)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,7 +261,9 @@ def train(
     **options,
 ) -> TrainResult:
     """Train a classifier on ``image_dir`` with ``module`` as a frozen feature extractor and
-    write it to ``output``. Options are ``TrainConfig`` fields."""
+    write it to ``output``. Options are ``TrainConfig`` fields.
+
+    With ``augment``, the head also learns from cached augmented copies of the training images."""
     config = replace(config, **options) if config is not None else TrainConfig.from_options(**options)
     for name in config.quantize:
         tflite_format(name)
@@ -296,6 +300,24 @@ def train(
 
     train_x, train_y = _arrays(split.train, bottlenecks.vectors, dim)
     val_x, val_y = _arrays(split.validation, bottlenecks.vectors, dim)
+    augment_record, augmented = {}, None
+    copies = config.resolved_augment_copies
+    if config.augment:
+        augment_record = {"settings": DEFAULT_AUGMENTATION.to_dict(), "copies": copies}
+    if copies:
+        # Training images only: validation and test stay as they are.
+        mark = time.perf_counter()
+        augmented_store = augmented_cache(cache_root, loaded.info, DEFAULT_AUGMENTATION)
+        augmented, copy_keys = extract_augmented_bottlenecks(split.train, loaded, augmented_store, copies,
+                                                             DEFAULT_AUGMENTATION, config.extract_batch_size)
+        timings["augment"] = time.perf_counter() - mark
+        augment_record["cache"] = {"hits": augmented.hits, "misses": augmented.misses,
+                                   "corrupt_shards": len(augmented.corrupt_shards), "dir": str(augmented_store.dir)}
+        copy_x = np.stack([augmented.vectors[key] for keys in copy_keys for key in keys])
+        head_x, head_y = np.concatenate([train_x, copy_x]), np.concatenate([train_y, np.repeat(train_y, copies)])
+    else:
+        head_x, head_y = train_x, train_y
+
     counts = class_counts(train_y, n_classes)
     class_weights = balanced_class_weights(train_y, n_classes) if config.class_weight == "balanced" else None
     class_balance = {
@@ -306,7 +328,7 @@ def train(
     }
 
     mark = time.perf_counter()
-    head = train_head(train_x, train_y, val_x, val_y, n_classes, config, class_weights)
+    head = train_head(head_x, head_y, val_x, val_y, n_classes, config, class_weights)
     timings["train"] = time.perf_counter() - mark
 
     metrics: dict = {}
@@ -360,8 +382,10 @@ def train(
             skipped=skipped,
             warnings=list(split.warnings),
             artifacts=artifacts,
-            head={"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "seconds": round(head.seconds, 3)},
+            head={"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "seconds": round(head.seconds, 3),
+                  "training_vectors": int(len(head_x))},
             class_balance=class_balance,
+            augment=augment_record,
         )
         run = {
             "tool": "retrain",
@@ -374,6 +398,7 @@ def train(
             "split_per_class": result.split_per_class,
             "head": result.head,
             "class_balance": class_balance,
+            "augment": augment_record,
             "metrics_file": METRICS_FILE,
             "cache": {"hits": bottlenecks.hits, "misses": bottlenecks.misses},
             "skipped": skipped,

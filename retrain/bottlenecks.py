@@ -126,11 +126,15 @@ class Bottlenecks:
     computed_seconds: float = 0.0
 
 
-def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64) -> Bottlenecks:
+def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64, augment=None) -> Bottlenecks:
     """Vectors for ``images`` (dataset.ImageFile): from the cache, computing and storing the misses.
 
     Identical content is computed once. Vectors go to disk every ``SHARD_SIZE`` images, so
     memory stays flat and a killed run loses at most one shard of work.
+
+    ``augment(pixels, keys) -> pixels``, when given, changes each uint8 batch before the module
+    sees it; ``keys`` are the batch's cache keys (``content_hash``), from which it must derive
+    its randomness so that what is cached under a key is always the same.
     """
     tf = _tf()
     unique: dict[str, object] = {}
@@ -165,6 +169,8 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
             for index, reason in skipped:
                 result.skipped.append({"path": todo[index].path, "reason": reason})
             if pixels is not None and len(indices):
+                if augment is not None:
+                    pixels = augment(pixels, [todo[i].content_hash for i in indices.tolist()])
                 vectors = forward(tf.constant(pixels)).numpy()
                 for index, vector in zip(indices.tolist(), vectors):
                     key = todo[index].content_hash

@@ -19,6 +19,12 @@ def _training_lines(run: dict) -> list[str]:
         counts = balance["class_counts"]
         lines.append(f"- class balance: {min(counts.values())}-{max(counts.values())} training images per class "
                      f"(imbalance ratio {balance['imbalance_ratio']:.2f}); class weights: {balance['class_weight']}")
+    augment = run.get("augment")
+    if augment:
+        settings = augment["settings"]
+        lines.append(f"- augmentation (training only): flip {'on' if settings['flip'] else 'off'}, crop side "
+                     f"{settings['min_crop']:g}-1, brightness +-{settings['brightness']:g}, contrast +-{settings['contrast']:g}; "
+                     f"{augment['copies']} cached augmented copies per image for the head")
     return lines
 
 

@@ -7,7 +7,7 @@ import json
 import click
 
 from . import __version__, progress
-from .config import CLASS_WEIGHTS, TrainConfig
+from .config import AUGMENT_COPIES, CLASS_WEIGHTS, TrainConfig
 from .errors import RetrainError
 
 QUANTIZE_CHOICES = ("int8", "float16", "dynamic", "none")
@@ -88,6 +88,13 @@ def main():
 @click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), default=DEFAULTS.class_weight, show_default=True,
               help="'balanced' weighs each class's images by n_images / (n_classes * class count) in the loss, "
                    "so a small class is not outvoted.")
+@click.option("--augment", is_flag=True,
+              help="Augment training images (random flip, crop/zoom, brightness, contrast; never in the exported model): "
+                   f"the head also learns from --augment-copies cached augmented bottlenecks per image ({AUGMENT_COPIES} "
+                   "unless given).")
+@click.option("--augment-copies", type=int, default=DEFAULTS.augment_copies,
+              help=f"With --augment: augmented bottlenecks per training image, computed once and cached "
+                   f"[default: {AUGMENT_COPIES}]")
 @click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), multiple=True,
               help="TFLite variant(s) beside float32, repeatable; 'none' for float32 only.  [default: int8]")
 @click.option("--max-accuracy-drop", type=float, default=DEFAULTS.max_accuracy_drop, show_default=True,
@@ -121,6 +128,10 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
     click.echo(f"bottlenecks: {result.cache['misses']} computed, {result.cache['hits']} from cache "
                f"({result.timings['bottlenecks']:.1f} s)")
     _balance_line(result.class_balance)
+    augmented = result.augment.get("cache")
+    if augmented:
+        click.echo(f"augmented bottlenecks: {result.augment['copies']} per training image, {augmented['misses']} computed, "
+                   f"{augmented['hits']} from cache ({result.timings['augment']:.1f} s)")
     if "validation" in result.metrics:
         click.echo(f"validation accuracy: {result.metrics['validation']['accuracy']:.4f}")
     if "test" in result.metrics:

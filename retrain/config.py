@@ -17,6 +17,8 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("adam", "sgd")
 CLASS_WEIGHTS = ("none", "balanced")
+AUGMENT_COPIES = 5  # augmented bottlenecks cached per training image when --augment is given without --augment-copies
+MAX_AUGMENT_COPIES = 100
 
 
 def default_cache_dir() -> Path:
@@ -55,6 +57,10 @@ class TrainConfig:
     seed: int = 0
     # imbalanced classes: "balanced" weighs each class by n_images / (n_classes * its count)
     class_weight: str = "none"
+    # augmentation (training only, never in the exported model): as `augment_copies` augmented
+    # bottlenecks per training image, cached
+    augment: bool = False
+    augment_copies: int | None = None  # None: AUGMENT_COPIES with augment
     # export
     quantize: tuple[str, ...] = ("int8",)  # TFLite variants beside float32, see export.TFLITE_FORMATS
     max_accuracy_drop: float = 2.0  # points a quantized variant may lose against float32 before a warning
@@ -88,12 +94,29 @@ class TrainConfig:
         if self.class_weight not in CLASS_WEIGHTS:
             raise ConfigError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
                               + _did_you_mean(self.class_weight, CLASS_WEIGHTS))
+        self._check_augment()
         object.__setattr__(self, "quantize", tuple(self.quantize))
         object.__setattr__(self, "trust_hosts", tuple(h.lower() for h in self.trust_hosts))
         if not 0 <= self.max_unusable_fraction <= 1:
             raise ConfigError(f"--max-unusable-fraction must be in [0, 1], got {self.max_unusable_fraction}")
         if self.max_accuracy_drop < 0:
             raise ConfigError(f"--max-accuracy-drop must be 0 or more, got {self.max_accuracy_drop}")
+
+    def _check_augment(self) -> None:
+        if self.augment_copies is not None:
+            if not self.augment:
+                raise ConfigError("--augment-copies needs --augment (it sets how many augmented bottlenecks are cached per image)")
+            if not 0 <= self.augment_copies <= MAX_AUGMENT_COPIES:
+                raise ConfigError(f"--augment-copies must be between 0 and {MAX_AUGMENT_COPIES}, got {self.augment_copies}")
+            if self.augment_copies == 0:
+                raise ConfigError("--augment-copies 0 augments nothing: give a number of copies, or drop --augment")
+
+    @property
+    def resolved_augment_copies(self) -> int:
+        """Augmented bottlenecks per training image for the head (0 without --augment)."""
+        if not self.augment:
+            return 0
+        return AUGMENT_COPIES if self.augment_copies is None else self.augment_copies
 
     @classmethod
     def from_options(cls, **options) -> "TrainConfig":
@@ -124,4 +147,4 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS", "CLASS_WEIGHTS"]
+__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS", "CLASS_WEIGHTS", "AUGMENT_COPIES"]
