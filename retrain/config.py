@@ -57,10 +57,16 @@ class TrainConfig:
     seed: int = 0
     # imbalanced classes: "balanced" weighs each class by n_images / (n_classes * its count)
     class_weight: str = "none"
-    # augmentation (training only, never in the exported model): as `augment_copies` augmented
-    # bottlenecks per training image, cached
+    # augmentation (training only, never in the exported model): on the frozen path as
+    # `augment_copies` augmented bottlenecks per training image, cached; when fine-tuning, also on the fly
     augment: bool = False
     augment_copies: int | None = None  # None: AUGMENT_COPIES with augment
+    # fine-tuning: stage 2 trains the module's own weights (batch norm statistics frozen) from the head
+    fine_tune: bool = False
+    fine_tune_epochs: int = 5
+    fine_tune_learning_rate: float | None = None  # None: learning_rate / 10
+    fine_tune_batch_size: int = 32
+    fine_tune_patience: int = 2  # epochs without validation improvement before stopping
     # export
     quantize: tuple[str, ...] = ("int8",)  # TFLite variants beside float32, see export.TFLITE_FORMATS
     max_accuracy_drop: float = 2.0  # points a quantized variant may lose against float32 before a warning
@@ -73,11 +79,13 @@ class TrainConfig:
                 raise ConfigError(f"--{_opt(name)} must be in [0, 100), got {value}")
         if self.validation_percent + self.test_percent >= 100:
             raise ConfigError("--validation-percent plus --test-percent must leave images for training")
-        for name in ("epochs", "batch_size", "extract_batch_size", "calibration_samples"):
+        for name in ("epochs", "batch_size", "extract_batch_size", "calibration_samples", "fine_tune_epochs",
+                     "fine_tune_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_opt(name)} must be at least 1, got {getattr(self, name)}")
-        if self.patience < 0:
-            raise ConfigError(f"--patience must be 0 or more, got {self.patience}")
+        for name in ("patience", "fine_tune_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_opt(name)} must be 0 or more, got {getattr(self, name)}")
         if self.image_size is not None and not 8 <= self.image_size <= 4096:
             raise ConfigError(f"--image-size must be between 8 and 4096, got {self.image_size}")
         if self.learning_rate <= 0:
@@ -94,7 +102,7 @@ class TrainConfig:
         if self.class_weight not in CLASS_WEIGHTS:
             raise ConfigError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
                               + _did_you_mean(self.class_weight, CLASS_WEIGHTS))
-        self._check_augment()
+        self._check_augment_and_fine_tune()
         object.__setattr__(self, "quantize", tuple(self.quantize))
         object.__setattr__(self, "trust_hosts", tuple(h.lower() for h in self.trust_hosts))
         if not 0 <= self.max_unusable_fraction <= 1:
@@ -102,14 +110,20 @@ class TrainConfig:
         if self.max_accuracy_drop < 0:
             raise ConfigError(f"--max-accuracy-drop must be 0 or more, got {self.max_accuracy_drop}")
 
-    def _check_augment(self) -> None:
+    def _check_augment_and_fine_tune(self) -> None:
         if self.augment_copies is not None:
             if not self.augment:
                 raise ConfigError("--augment-copies needs --augment (it sets how many augmented bottlenecks are cached per image)")
             if not 0 <= self.augment_copies <= MAX_AUGMENT_COPIES:
                 raise ConfigError(f"--augment-copies must be between 0 and {MAX_AUGMENT_COPIES}, got {self.augment_copies}")
-            if self.augment_copies == 0:
-                raise ConfigError("--augment-copies 0 augments nothing: give a number of copies, or drop --augment")
+            if self.augment_copies == 0 and not self.fine_tune:
+                raise ConfigError("--augment-copies 0 without --fine-tune augments nothing: "
+                                  "give a number of copies, add --fine-tune, or drop --augment")
+        if self.fine_tune_learning_rate is not None:
+            if not self.fine_tune:
+                raise ConfigError("--fine-tune-learning-rate needs --fine-tune")
+            if self.fine_tune_learning_rate <= 0:
+                raise ConfigError(f"--fine-tune-learning-rate must be positive, got {self.fine_tune_learning_rate}")
 
     @property
     def resolved_augment_copies(self) -> int:
@@ -117,6 +131,11 @@ class TrainConfig:
         if not self.augment:
             return 0
         return AUGMENT_COPIES if self.augment_copies is None else self.augment_copies
+
+    @property
+    def resolved_fine_tune_learning_rate(self) -> float:
+        """The module is trained about 10x slower than the head, so its weights are adjusted, not ruined."""
+        return self.fine_tune_learning_rate if self.fine_tune_learning_rate is not None else self.learning_rate / 10
 
     @classmethod
     def from_options(cls, **options) -> "TrainConfig":

@@ -90,7 +90,7 @@ def test_augmented_vectors_differ_from_plain_ones_and_are_training_only(augmente
 def test_inconsistent_augment_options_are_one_line_errors(tiny_module, colour_dir, tmp_path):
     with pytest.raises(ConfigError, match="--augment-copies needs --augment"):
         retrain.train(colour_dir, tiny_module, tmp_path / "x", augment_copies=3)
-    with pytest.raises(ConfigError, match="--augment-copies 0 augments nothing"):
+    with pytest.raises(ConfigError, match="--augment-copies 0 without --fine-tune augments nothing"):
         retrain.train(colour_dir, tiny_module, tmp_path / "x", augment=True, augment_copies=0)
     result = CliRunner().invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(tmp_path / "x"),
                                        "--augment-copies", "2"])
