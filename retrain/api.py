@@ -5,6 +5,7 @@ The library never prints: it returns dataclasses, and progress goes through ``pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .augment import DEFAULT_AUGMENTATION, augmented_cache, extract_augmented_bottlenecks
 from .bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
 from .card import model_card
 from .config import TrainConfig
@@ -40,7 +42,8 @@ from .export import (
     tflite_format,
 )
 from .files import make_stage, replace_dir, write_atomic
-from .head import train_head
+from .finetune import fine_tune, trainable_module_variables
+from .head import balanced_class_weights, class_counts, train_head
 from .images import iter_image_batches
 from .module import load_module
 from .runner import SavedModelRunner, TFLiteRunner, load_model, read_run_info
@@ -65,6 +68,9 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     artifacts: dict = field(default_factory=dict)
     head: dict = field(default_factory=dict)
+    class_balance: dict = field(default_factory=dict)  # train images per class, imbalance ratio, class weights
+    augment: dict = field(default_factory=dict)  # settings and augmented copies (empty without --augment)
+    fine_tune: dict = field(default_factory=dict)  # stage 2 (empty without --fine-tune)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -235,12 +241,13 @@ def write_tflite_variants(saved_model_dir: Path, directory: Path, formats, class
     return paths, figures, warnings
 
 
-def _tflite_metadata(info, classes) -> dict:
+def _tflite_metadata(info, classes, fine_tuned: bool = False) -> dict:
     spec = info.input_spec
+    module = "fine-tuned module" if fine_tuned else "module"
     return {
         "name": "retrain image classifier",
         "description": f"Classifies {spec.height}x{spec.width} RGB images into {len(classes)} classes "
-                       f"with a new head on module {info.handle} (fingerprint {info.fingerprint[:16]}).",
+                       f"with a new head on {module} {info.handle} (fingerprint {info.fingerprint[:16]}).",
         "version": __version__,
         "height": spec.height,
         "width": spec.width,
@@ -259,7 +266,10 @@ def train(
     **options,
 ) -> TrainResult:
     """Train a classifier on ``image_dir`` with ``module`` as a frozen feature extractor and
-    write it to ``output``. Options are ``TrainConfig`` fields."""
+    write it to ``output``. Options are ``TrainConfig`` fields.
+
+    With ``fine_tune``, a second stage then trains the module's weights too (see finetune.py);
+    with ``augment``, the head also learns from cached augmented copies of the training images."""
     config = replace(config, **options) if config is not None else TrainConfig.from_options(**options)
     for name in config.quantize:
         tflite_format(name)
@@ -270,11 +280,16 @@ def train(
 
     split = split_dataset(image_dir, config.validation_percent, config.test_percent, config.validation_dir, config.test_dir)
     timings["scan"] = time.perf_counter() - started
+    if config.fine_tune and not split.validation:
+        raise ConfigError("--fine-tune needs validation images to keep only improvements: "
+                          "use --validation-percent above 0 or --validation-dir")
 
     mark = time.perf_counter()
     loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
                          records_dir=config.resolved_cache_dir)
     spec = loaded.info.input_spec
+    if config.fine_tune:
+        trainable_module_variables(loaded)  # a module that cannot be fine-tuned fails before any work
     timings["module"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -293,22 +308,73 @@ def train(
         setattr(split, name, [i for i in getattr(split, name) if i.content_hash in bottlenecks.vectors])
     _check_unusable(split, skipped, config.max_unusable_fraction)
     dim = loaded.info.feature_dim
+    n_classes = len(split.classes)
 
-    mark = time.perf_counter()
     train_x, train_y = _arrays(split.train, bottlenecks.vectors, dim)
     val_x, val_y = _arrays(split.validation, bottlenecks.vectors, dim)
-    head = train_head(train_x, train_y, val_x, val_y, len(split.classes), config)
+    augment_record, augmented = {}, None
+    copies = config.resolved_augment_copies
+    if config.augment:
+        augment_record = {"settings": DEFAULT_AUGMENTATION.to_dict(), "copies": copies,
+                          "on_the_fly": config.fine_tune}
+    if copies:
+        # Training images only: validation and test stay as they are.
+        mark = time.perf_counter()
+        augmented_store = augmented_cache(cache_root, loaded.info, DEFAULT_AUGMENTATION)
+        augmented, copy_keys = extract_augmented_bottlenecks(split.train, loaded, augmented_store, copies,
+                                                             DEFAULT_AUGMENTATION, config.extract_batch_size)
+        timings["augment"] = time.perf_counter() - mark
+        augment_record["cache"] = {"hits": augmented.hits, "misses": augmented.misses,
+                                   "corrupt_shards": len(augmented.corrupt_shards), "dir": str(augmented_store.dir)}
+        copy_x = np.stack([augmented.vectors[key] for keys in copy_keys for key in keys])
+        head_x, head_y = np.concatenate([train_x, copy_x]), np.concatenate([train_y, np.repeat(train_y, copies)])
+    else:
+        head_x, head_y = train_x, train_y
+
+    counts = class_counts(train_y, n_classes)
+    class_weights = balanced_class_weights(train_y, n_classes) if config.class_weight == "balanced" else None
+    class_balance = {
+        "class_counts": {name: int(count) for name, count in zip(split.classes, counts)},
+        "imbalance_ratio": round(float(counts.max() / max(counts.min(), 1)), 3),
+        "class_weight": config.class_weight,
+        "class_weights": None if class_weights is None else {split.classes[c]: round(w, 4) for c, w in class_weights.items()},
+    }
+
+    mark = time.perf_counter()
+    head = train_head(head_x, head_y, val_x, val_y, n_classes, config, class_weights)
     timings["train"] = time.perf_counter() - mark
+    kernel, bias = head.kernel, head.bias
 
     metrics: dict = {}
     if len(val_x):
         metrics["validation"] = classification_metrics(val_y, head.probabilities(val_x).argmax(1), split.classes)
 
+    module_record = {**loaded.info.to_dict(), "weights_changed": False}
+    fine_record: dict = {}
+    if config.fine_tune:
+        # Every bottleneck is computed and cached above: the cache never sees changed weights.
+        mark = time.perf_counter()
+        fine = fine_tune(loaded, head.kernel, head.bias, split.train, split.validation, n_classes, config,
+                         class_weights, DEFAULT_AUGMENTATION if config.augment else None)
+        timings["fine_tune"] = time.perf_counter() - mark
+        kernel, bias = fine.kernel, fine.bias
+        fine_record = fine.to_dict()
+        module_record["weights_changed"] = fine.weights_changed
+        module_record["weights_fingerprint"] = fine.weights_fingerprint
+        metrics["validation"] = classification_metrics(
+            fine.validation_labels, fine.validation_probabilities.argmax(1), split.classes)
+        if not fine.weights_changed:
+            split.warnings.append(
+                f"fine-tuning did not improve validation in {fine.epochs_run} epoch(s) (frozen module: loss "
+                f"{fine.frozen_validation['loss']:.4f}, accuracy {fine.frozen_validation['accuracy']:.4f}): "
+                "the frozen module's weights were kept"
+            )
+
     mark = time.perf_counter()
     with _StagedOutput(output) as stage:
         labels_path = stage / LABELS_FILE
         labels_path.write_text("\n".join(split.classes) + "\n", encoding="utf-8")
-        serving = build_serving_model(loaded, head.kernel, head.bias, str(labels_path))
+        serving = build_serving_model(loaded, kernel, bias, str(labels_path))
         save_serving_model(serving, stage / SAVED_MODEL_DIR)
         artifacts = {"saved_model": str(output / SAVED_MODEL_DIR), "labels": str(output / LABELS_FILE)}
 
@@ -321,7 +387,7 @@ def train(
         representative = None
         if any(TFLITE_FORMATS[f].needs_representative for f in formats):
             representative = _representative_images(split.train, spec, config.calibration_samples, config.seed, config.extract_batch_size)
-        tflite_metadata = _tflite_metadata(loaded.info, split.classes)
+        tflite_metadata = _tflite_metadata(loaded.info, split.classes, module_record["weights_changed"])
         paths, metrics["tflite"], tflite_warnings = write_tflite_variants(
             stage / SAVED_MODEL_DIR, stage, formats, split.classes, representative, test, config.max_accuracy_drop, tflite_metadata
         )
@@ -347,11 +413,15 @@ def train(
                 "corrupt_shards": len(bottlenecks.corrupt_shards),
                 "dir": str(cache.dir),
             },
-            module=loaded.info.to_dict(),
+            module=module_record,
             skipped=skipped,
             warnings=list(split.warnings),
             artifacts=artifacts,
-            head={"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "seconds": round(head.seconds, 3)},
+            head={"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "seconds": round(head.seconds, 3),
+                  "training_vectors": int(len(head_x))},
+            class_balance=class_balance,
+            augment=augment_record,
+            fine_tune=fine_record,
         )
         run = {
             "tool": "retrain",
@@ -363,6 +433,9 @@ def train(
             "split": result.split,
             "split_per_class": result.split_per_class,
             "head": result.head,
+            "class_balance": class_balance,
+            "augment": augment_record,
+            "fine_tune": fine_record,
             "metrics_file": METRICS_FILE,
             "cache": {"hits": bottlenecks.hits, "misses": bottlenecks.misses},
             "skipped": skipped,
@@ -406,7 +479,8 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
     config = run["config"]
     spec_data = run["module"]["input_spec"]
     spec = InputSpec(**{**spec_data, "value_range": tuple(spec_data["value_range"])})
-    info = ModuleInfo(**{**run["module"], "input_spec": spec})
+    known = {f.name for f in dataclasses.fields(ModuleInfo)}  # run.json's module record has more (weights_changed...)
+    info = ModuleInfo(**{**{k: v for k, v in run["module"].items() if k in known}, "input_spec": spec})
     split = None
     if Path(run["image_dir"]).is_dir():
         split = split_dataset(run["image_dir"], config["validation_percent"], config["test_percent"],
@@ -432,7 +506,7 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
     with tempfile.TemporaryDirectory(prefix=".export-", dir=output) as scratch:
         paths, figures, warnings = write_tflite_variants(
             saved_model, Path(scratch), [f.name for f in fmts], classes, representative, test, threshold,
-            _tflite_metadata(info, classes), previous_float32,
+            _tflite_metadata(info, classes, run["module"].get("weights_changed", False)), previous_float32,
         )
         written = {}
         for name, path in paths.items():

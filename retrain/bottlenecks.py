@@ -215,7 +215,7 @@ def _forward_function(module):
     return forward
 
 
-def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64) -> Bottlenecks:
+def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64, augment=None) -> Bottlenecks:
     """Vectors for ``images`` (dataset.ImageFile): from the cache, computing and storing the misses.
 
     Identical content is computed once. Vectors go to disk every ``SHARD_SIZE`` images, so
@@ -225,6 +225,10 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
     The hot path has no Python per image: decoding runs in parallel ahead of the module
     (``iter_image_batches``), each batch goes to the module as a tensor, and while one batch
     is computed the previous one's vectors are stored and shards are written by another thread.
+
+    ``augment(pixels, keys) -> pixels``, when given, changes each uint8 batch before the module
+    sees it; ``keys`` are the batch's cache keys (``content_hash``), from which it must derive
+    its randomness so that what is cached under a key is always the same.
     """
     unique: dict[str, object] = {}
     for image in images:
@@ -276,6 +280,8 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
                 for index, reason in skipped:
                     result.skipped.append({"path": todo[index].path, "reason": reason})
                 if pixels is not None and len(indices):
+                    if augment is not None:
+                        pixels = augment(pixels, [todo_keys[index] for index in indices.tolist()])
                     computing = (indices, forward(pixels))
                     if in_flight is not None:
                         store_batch(*in_flight)

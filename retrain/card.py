@@ -9,16 +9,50 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _training_lines(run: dict) -> list[str]:
+    config, lines = run["config"], []
+    head = run.get("head", {})
+    lines.append(f"- head: {head.get('epochs_run', '?')} epoch(s), best epoch {head.get('best_epoch', '?')}, "
+                 f"{config['optimizer']} learning rate {config['learning_rate']:g}")
+    balance = run.get("class_balance")
+    if balance:
+        counts = balance["class_counts"]
+        lines.append(f"- class balance: {min(counts.values())}-{max(counts.values())} training images per class "
+                     f"(imbalance ratio {balance['imbalance_ratio']:.2f}); class weights: {balance['class_weight']}")
+    augment = run.get("augment")
+    if augment:
+        settings = augment["settings"]
+        lines.append(f"- augmentation (training only): flip {'on' if settings['flip'] else 'off'}, crop side "
+                     f"{settings['min_crop']:g}-1, brightness +-{settings['brightness']:g}, contrast +-{settings['contrast']:g}; "
+                     f"{augment['copies']} cached augmented copies per image for the head"
+                     + ("; on the fly while fine-tuning" if augment.get("on_the_fly") else ""))
+    fine = run.get("fine_tune")
+    if fine:
+        frozen, best = fine["frozen_validation"], fine["best_validation"]
+        if fine["weights_changed"]:
+            lines.append(f"- fine-tuning: {fine['epochs_run']} epoch(s) at learning rate {fine['learning_rate']:g}, batch "
+                         f"norm statistics frozen; best epoch {fine['best_epoch']}: validation accuracy "
+                         f"{_pct(frozen['accuracy'])} -> {_pct(best['accuracy'])}, loss {frozen['loss']:.4f} -> {best['loss']:.4f}")
+        else:
+            lines.append(f"- fine-tuning: {fine['epochs_run']} epoch(s) at learning rate {fine['learning_rate']:g} did not "
+                         f"beat the frozen module on validation (accuracy {_pct(frozen['accuracy'])}, loss "
+                         f"{frozen['loss']:.4f}): its weights were kept")
+    return lines
+
+
 def model_card(run: dict, metrics: dict) -> str:
     module = run["module"]
     spec = module["input_spec"]
     height, width = spec["height"], spec["width"]
     classes = run["classes"]
+    fine_tuned = module.get("weights_changed", False)
+    made = ("a new softmax head on an image module, then the module's weights fine-tuned with it" if fine_tuned
+            else "a new softmax head on a frozen image module")
     lines = [
         "# Image classifier",
         "",
-        f"Made by `retrain` {run['versions'].get('retrain', '')} on {run['created']}: a new softmax head on a frozen "
-        f"image module, trained on `{run['image_dir']}`.",
+        f"Made by `retrain` {run['versions'].get('retrain', '')} on {run['created']}: {made}, "
+        f"trained on `{run['image_dir']}`.",
         "",
         "## Module",
         "",
@@ -26,6 +60,11 @@ def model_card(run: dict, metrics: dict) -> str:
         f"- fingerprint (SHA-256 of its files): `{module['fingerprint']}`",
         f"- input: {height}x{width} RGB, values scaled to [{spec['value_range'][0]:g}, {spec['value_range'][1]:g}]"
         f"; feature vector of {module['feature_dim']} values",
+    ]
+    if fine_tuned:
+        lines.append(f"- weights: fine-tuned here, so they differ from the module's files; SHA-256 of the exported "
+                     f"weights: `{module['weights_fingerprint']}`")
+    lines += ["", "## Training", ""] + _training_lines(run) + [
         "",
         f"## Classes ({len(classes)})",
         "",
@@ -38,7 +77,8 @@ def model_card(run: dict, metrics: dict) -> str:
     lines += ["", f"Split (stable, by file-name hash): {run['split']['train']} train, {run['split']['validation']} validation, "
               f"{run['split']['test']} test images.", "", "## Metrics", ""]
     if "validation" in metrics:
-        lines.append(f"- validation accuracy (head on cached features): {_pct(metrics['validation']['accuracy'])}")
+        source = "fine-tuned network" if fine_tuned else "head on cached features"
+        lines.append(f"- validation accuracy ({source}): {_pct(metrics['validation']['accuracy'])}")
     if "test" in metrics:
         lines.append(f"- test accuracy (SavedModel, {metrics['test']['n_images']} images): {_pct(metrics['test']['accuracy'])}")
     if metrics.get("tflite"):

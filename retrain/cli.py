@@ -7,7 +7,7 @@ import json
 import click
 
 from . import __version__, progress
-from .config import TrainConfig
+from .config import AUGMENT_COPIES, CLASS_WEIGHTS, TrainConfig
 from .errors import RetrainError
 
 QUANTIZE_CHOICES = ("int8", "float16", "dynamic", "none")
@@ -85,6 +85,27 @@ def main():
 @click.option("--image-size", type=int, help="Input size for modules that accept any size (or to check a fixed one).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Bottleneck cache folder [default: ~/.cache/retrain].")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
+@click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), default=DEFAULTS.class_weight, show_default=True,
+              help="'balanced' weighs each class's images by n_images / (n_classes * class count) in the loss, "
+                   "so a small class is not outvoted.")
+@click.option("--augment", is_flag=True,
+              help="Augment training images (random flip, crop/zoom, brightness, contrast; never in the exported model): "
+                   f"the head also learns from --augment-copies cached augmented bottlenecks per image ({AUGMENT_COPIES} "
+                   "unless given), and --fine-tune augments every epoch.")
+@click.option("--augment-copies", type=int, default=DEFAULTS.augment_copies,
+              help=f"With --augment: augmented bottlenecks per training image, computed once and cached "
+                   f"(0: only with --fine-tune, for on-the-fly augmentation alone).  [default: {AUGMENT_COPIES}]")
+@click.option("--fine-tune", is_flag=True,
+              help="After the head, train the module's weights too (batch norm statistics frozen), keeping the best "
+                   "validation epoch, or the frozen module when no epoch beats it. Slow: a forward and backward "
+                   "pass per image and epoch.")
+@click.option("--fine-tune-epochs", type=int, default=DEFAULTS.fine_tune_epochs, show_default=True,
+              help="Most fine-tuning epochs.")
+@click.option("--fine-tune-learning-rate", type=float, default=DEFAULTS.fine_tune_learning_rate,
+              help="Fine-tuning learning rate.  [default: --learning-rate / 10]")
+@click.option("--fine-tune-batch-size", type=int, default=DEFAULTS.fine_tune_batch_size, show_default=True)
+@click.option("--fine-tune-patience", type=int, default=DEFAULTS.fine_tune_patience, show_default=True,
+              help="Fine-tuning epochs without validation improvement before stopping (0: never stop early).")
 @click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), multiple=True,
               help="TFLite variant(s) beside float32, repeatable; 'none' for float32 only.  [default: int8]")
 @click.option("--max-accuracy-drop", type=float, default=DEFAULTS.max_accuracy_drop, show_default=True,
@@ -117,14 +138,45 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
     click.echo(f"images: {split['train']} train, {split['validation']} validation, {split['test']} test")
     click.echo(f"bottlenecks: {result.cache['misses']} computed, {result.cache['hits']} from cache "
                f"({result.timings['bottlenecks']:.1f} s)")
+    _balance_line(result.class_balance)
+    augmented = result.augment.get("cache")
+    if augmented:
+        click.echo(f"augmented bottlenecks: {result.augment['copies']} per training image, {augmented['misses']} computed, "
+                   f"{augmented['hits']} from cache ({result.timings['augment']:.1f} s)")
+    if result.fine_tune:
+        _fine_tune_line(result.fine_tune, result.timings["fine_tune"])
     if "validation" in result.metrics:
         click.echo(f"validation accuracy: {result.metrics['validation']['accuracy']:.4f}")
     if "test" in result.metrics:
-        click.echo(f"test accuracy: {result.metrics['test']['accuracy']:.4f} (SavedModel, {result.metrics['test']['n_images']} images)")
+        test = result.metrics["test"]
+        click.echo(f"test accuracy: {test['accuracy']:.4f} (SavedModel, {test['n_images']} images)")
+        click.echo("test recall per class: " + ", ".join(f"{name} {row['recall']:.4f}" for name, row in test["per_class"].items()))
     _tflite_table(result.metrics.get("tflite", {}))
     click.echo(f"model: {result.output}")
     for name, path in result.artifacts.items():
         click.echo(f"  {name}: {path}")
+
+
+def _balance_line(balance: dict) -> None:
+    counts = balance["class_counts"]
+    largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+    line = (f"class balance: {counts[smallest]}-{counts[largest]} training images per class, imbalance "
+            f"{balance['imbalance_ratio']:.2f} ({largest} / {smallest}); class weights: {balance['class_weight']}")
+    if balance["class_weight"] == "none" and balance["imbalance_ratio"] >= 2:
+        line += " (try --class-weight balanced)"
+    click.echo(line)
+
+
+def _fine_tune_line(fine: dict, seconds: float) -> None:
+    frozen, best = fine["frozen_validation"], fine["best_validation"]
+    head = f"fine-tune: {fine['epochs_run']} epoch(s), learning rate {fine['learning_rate']:g}, {seconds:.1f} s: "
+    if fine["weights_changed"]:
+        click.echo(head + f"validation accuracy {frozen['accuracy']:.4f} -> {best['accuracy']:.4f}, loss "
+                   f"{frozen['loss']:.4f} -> {best['loss']:.4f} (epoch {fine['best_epoch']}); module weights changed "
+                   f"(weights fingerprint {fine['weights_fingerprint'][:16]})")
+    else:
+        click.echo(head + f"no epoch beat the frozen module (validation accuracy {frozen['accuracy']:.4f}, "
+                   f"loss {frozen['loss']:.4f}): its weights were kept")
 
 
 @main.command()

@@ -16,6 +16,9 @@ from pathlib import Path
 from .errors import ConfigError
 
 OPTIMIZERS = ("adam", "sgd")
+CLASS_WEIGHTS = ("none", "balanced")
+AUGMENT_COPIES = 5  # augmented bottlenecks cached per training image when --augment is given without --augment-copies
+MAX_AUGMENT_COPIES = 100
 
 
 def default_cache_dir() -> Path:
@@ -52,6 +55,19 @@ class TrainConfig:
     l2: float = 1e-4
     label_smoothing: float = 0.1
     seed: int = 0
+    # imbalanced classes: "balanced" weighs each class by n_images / (n_classes * its count)
+    class_weight: str = "none"
+    # augmentation (training only, never in the exported model): on the frozen path as
+    # `augment_copies` augmented bottlenecks per training image, cached; when fine-tuning, also on the fly
+    augment: bool = False
+    augment_copies: int | None = None  # None: AUGMENT_COPIES with augment
+    # fine-tuning: stage 2 trains the module's own weights (batch norm statistics frozen) from the head;
+    # epochs and patience measured on flowers_128 (README): the best epoch was 7, single epochs stall
+    fine_tune: bool = False
+    fine_tune_epochs: int = 10
+    fine_tune_learning_rate: float | None = None  # None: learning_rate / 10
+    fine_tune_batch_size: int = 32
+    fine_tune_patience: int = 3  # epochs without validation improvement before stopping
     # export
     quantize: tuple[str, ...] = ("int8",)  # TFLite variants beside float32, see export.TFLITE_FORMATS
     max_accuracy_drop: float = 2.0  # points a quantized variant may lose against float32 before a warning
@@ -64,11 +80,13 @@ class TrainConfig:
                 raise ConfigError(f"--{_opt(name)} must be in [0, 100), got {value}")
         if self.validation_percent + self.test_percent >= 100:
             raise ConfigError("--validation-percent plus --test-percent must leave images for training")
-        for name in ("epochs", "batch_size", "extract_batch_size", "calibration_samples"):
+        for name in ("epochs", "batch_size", "extract_batch_size", "calibration_samples", "fine_tune_epochs",
+                     "fine_tune_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_opt(name)} must be at least 1, got {getattr(self, name)}")
-        if self.patience < 0:
-            raise ConfigError(f"--patience must be 0 or more, got {self.patience}")
+        for name in ("patience", "fine_tune_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_opt(name)} must be 0 or more, got {getattr(self, name)}")
         if self.image_size is not None and not 8 <= self.image_size <= 4096:
             raise ConfigError(f"--image-size must be between 8 and 4096, got {self.image_size}")
         if self.learning_rate <= 0:
@@ -82,12 +100,43 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
                               + _did_you_mean(self.optimizer, OPTIMIZERS))
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ConfigError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
+                              + _did_you_mean(self.class_weight, CLASS_WEIGHTS))
+        self._check_augment_and_fine_tune()
         object.__setattr__(self, "quantize", tuple(self.quantize))
         object.__setattr__(self, "trust_hosts", tuple(h.lower() for h in self.trust_hosts))
         if not 0 <= self.max_unusable_fraction <= 1:
             raise ConfigError(f"--max-unusable-fraction must be in [0, 1], got {self.max_unusable_fraction}")
         if self.max_accuracy_drop < 0:
             raise ConfigError(f"--max-accuracy-drop must be 0 or more, got {self.max_accuracy_drop}")
+
+    def _check_augment_and_fine_tune(self) -> None:
+        if self.augment_copies is not None:
+            if not self.augment:
+                raise ConfigError("--augment-copies needs --augment (it sets how many augmented bottlenecks are cached per image)")
+            if not 0 <= self.augment_copies <= MAX_AUGMENT_COPIES:
+                raise ConfigError(f"--augment-copies must be between 0 and {MAX_AUGMENT_COPIES}, got {self.augment_copies}")
+            if self.augment_copies == 0 and not self.fine_tune:
+                raise ConfigError("--augment-copies 0 without --fine-tune augments nothing: "
+                                  "give a number of copies, add --fine-tune, or drop --augment")
+        if self.fine_tune_learning_rate is not None:
+            if not self.fine_tune:
+                raise ConfigError("--fine-tune-learning-rate needs --fine-tune")
+            if self.fine_tune_learning_rate <= 0:
+                raise ConfigError(f"--fine-tune-learning-rate must be positive, got {self.fine_tune_learning_rate}")
+
+    @property
+    def resolved_augment_copies(self) -> int:
+        """Augmented bottlenecks per training image for the head (0 without --augment)."""
+        if not self.augment:
+            return 0
+        return AUGMENT_COPIES if self.augment_copies is None else self.augment_copies
+
+    @property
+    def resolved_fine_tune_learning_rate(self) -> float:
+        """The module is trained about 10x slower than the head, so its weights are adjusted, not ruined."""
+        return self.fine_tune_learning_rate if self.fine_tune_learning_rate is not None else self.learning_rate / 10
 
     @classmethod
     def from_options(cls, **options) -> "TrainConfig":
@@ -118,4 +167,4 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS"]
+__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS", "CLASS_WEIGHTS", "AUGMENT_COPIES"]

@@ -56,6 +56,18 @@ def _optimizer(config: TrainConfig):
     return keras.optimizers.Adam(learning_rate=config.learning_rate)
 
 
+def class_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(labels, np.int64), minlength=n_classes)
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
+    """``n_images / (n_classes * count)`` per class, so every class weighs as much in the loss in
+    total; the mean weight per image stays 1, so the learning rate keeps its meaning."""
+    counts = class_counts(labels, n_classes)
+    total = counts.sum()
+    return {c: float(total / (n_classes * counts[c])) if counts[c] else 0.0 for c in range(n_classes)}
+
+
 def train_head(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -63,8 +75,12 @@ def train_head(
     val_y: np.ndarray | None,
     n_classes: int,
     config: TrainConfig,
+    class_weights: dict[int, float] | None = None,
 ) -> Head:
-    """Fit the head; returns its best weights (by validation loss when there is validation data)."""
+    """Fit the head; returns its best weights (by validation loss when there is validation data).
+
+    ``class_weights`` (class index -> weight) scale each training image's loss; validation loss
+    is never weighted, so the best epoch is chosen on the plain loss."""
     _tf()
     import keras
 
@@ -87,6 +103,7 @@ def train_head(
         epochs=config.epochs,
         batch_size=config.batch_size,
         shuffle=True,
+        class_weight=class_weights,
         verbose=0,
         callbacks=[monitor],
     ).history

@@ -141,3 +141,17 @@ def test_console_script_and_module_entry_point(tmp_path):
     for command in ([sys.executable, "-m", "retrain", "--version"],):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0 and "retrain" in result.stdout
+
+
+def test_readme_measurement_commands_use_real_options():
+    """The README's measured runs of --augment / --fine-tune / --class-weight stay valid commands."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- the options of each line below are checked by tests/test_cli.py -->", 1)[1].split("```", 2)[1]
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("retrain ")]
+    assert len(commands) >= 3
+    for args in commands:
+        command = main.get_command(None, args[1])
+        command.make_context(args[1], args[2:])  # parses and checks every option; runs nothing

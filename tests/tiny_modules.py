@@ -1,8 +1,10 @@
 """Tiny feature-vector modules, saved as TF Hub style SavedModels in a few seconds.
 
 A module is a ``tf.Module`` whose ``__call__(images, training=False)`` is traced for both
-``training`` values, like tfhub.dev's TF2 feature_vector modules. Features are the mean colour
-plus a few ReLU'd 1x1-convolution channels (Keras layers), so solid-colour classes separate.
+``training`` values, like tfhub.dev's TF2 feature_vector modules, and which lists its
+``variables``, ``trainable_variables`` and ``regularization_losses`` (the reusable SavedModel
+convention). Features are the mean colour plus a few ReLU'd 1x1-convolution channels, so
+solid-colour classes separate.
 """
 
 from __future__ import annotations
@@ -10,35 +12,69 @@ from __future__ import annotations
 import numpy as np
 
 
-def save_tiny_module(path, size=32, dim=8, variable_size=False, output="vector", seed=0, work=0):
+def save_tiny_module(path, size=32, dim=8, variable_size=False, output="vector", seed=0, trainable=True,
+                     batch_norm=False, work=0):
     """Write a tiny module to ``path``; ``output``: "vector", "logits" (1001 values), "map" (rank 4).
 
     ``work`` > 0 adds that many 384x384 matrix products per call (results unchanged), so a
     crash test can stop a run in the middle of its extraction.
-    """
-    import keras
+
+    ``trainable=False`` bakes the weights in as constants (nothing to fine-tune);
+    ``batch_norm=True`` adds batch normalization after the convolution, with moving statistics
+    that only a ``training=True`` call updates."""
     import tensorflow as tf
 
     height = width = None if variable_size else size
     rng = np.random.default_rng(seed)
+    kernel = rng.normal(size=(1, 1, 3, dim - 3)).astype(np.float32)
+    bias = rng.normal(scale=0.1, size=(dim - 3,)).astype(np.float32)
+    logits = rng.normal(size=(dim, 1001)).astype(np.float32) if output == "logits" else None
 
     class Tiny(tf.Module):
+        # Plain attributes instead of tf.Module's properties, so the SavedModel lists them.
+        variables = None
+        trainable_variables = None
+        regularization_losses = None
+
         def __init__(self):
             super().__init__()
-            self.conv = keras.layers.Conv2D(dim - 3, 1, activation="relu", name="conv")
-            self.conv.build((None, None, None, 3))
-            self.conv.kernel.assign(rng.normal(size=(1, 1, 3, dim - 3)).astype(np.float32))
-            self.conv.bias.assign(rng.normal(scale=0.1, size=(dim - 3,)).astype(np.float32))
-            self.pool = keras.layers.GlobalAveragePooling2D()
-            self.logits = tf.Variable(rng.normal(size=(dim, 1001)).astype(np.float32)) if output == "logits" else None
-            self.busy = tf.Variable(np.eye(384, dtype=np.float32) * 0.5) if work else None
+            weight = tf.Variable if trainable else tf.constant
+            self.kernel, self.bias = weight(kernel, name="conv/kernel"), weight(bias, name="conv/bias")
+            self.logits = weight(logits, name="logits") if logits is not None else None
+            self.busy = tf.constant(np.eye(384, dtype=np.float32) * 0.5) if work else None
+            trained = [self.kernel, self.bias] + ([self.logits] if logits is not None else [])
+            statistics = []
+            if batch_norm:
+                channels = dim - 3
+                self.gamma = tf.Variable(np.ones(channels, np.float32), name="bn/gamma")
+                self.beta = tf.Variable(np.zeros(channels, np.float32), name="bn/beta")
+                self.moving_mean = tf.Variable(rng.normal(scale=0.1, size=channels).astype(np.float32),
+                                               trainable=False, name="bn/moving_mean")
+                self.moving_variance = tf.Variable(1 + np.abs(rng.normal(scale=0.1, size=channels)).astype(np.float32),
+                                                   trainable=False, name="bn/moving_variance")
+                trained += [self.gamma, self.beta]
+                statistics = [self.moving_mean, self.moving_variance]
+            self.trainable_variables = trained if trainable else []
+            self.variables = trained + statistics if trainable else []
+            self.regularization_losses = []
+
+        def _normalize(self, mapped, training):
+            if not batch_norm:
+                return mapped
+            if training:
+                mean, variance = tf.nn.moments(mapped, axes=[0, 1, 2])
+                self.moving_mean.assign(0.9 * self.moving_mean + 0.1 * mean)
+                self.moving_variance.assign(0.9 * self.moving_variance + 0.1 * variance)
+            else:
+                mean, variance = self.moving_mean, self.moving_variance
+            return tf.nn.batch_normalization(mapped, mean, variance, self.beta, self.gamma, 1e-3)
 
         @tf.function
         def __call__(self, images, training=False):
-            mapped = self.conv(images)
+            mapped = tf.nn.relu(self._normalize(tf.nn.conv2d(images, self.kernel, 1, "VALID") + self.bias, training))
             if output == "map":
                 return mapped
-            features = tf.concat([self.pool(images), self.pool(mapped)], axis=1)
+            features = tf.concat([tf.reduce_mean(images, [1, 2]), tf.reduce_mean(mapped, [1, 2])], axis=1)
             if work:
                 product = self.busy
                 for _ in range(work):

@@ -1,0 +1,234 @@
+"""Stage 2 of ``--fine-tune``: the module's own weights, trained together with the head.
+
+Stage 1 (``head.train_head`` on cached bottlenecks) gives a good head in seconds; starting from
+it, the whole network is trained on decoded images with a learning rate about 10x lower, so the
+pre-trained weights are adjusted rather than ruined. The module is called in inference mode
+(``training=False``), so its batch-norm statistics stay frozen: small batches of a new data set
+would otherwise replace statistics gathered on millions of images. Only the variables the module
+lists as ``trainable_variables`` (the reusable SavedModel convention) are trained.
+
+Validation runs before the first step (the frozen module with the stage-1 head) and after each
+epoch. An epoch counts as better only when validation loss is lower *and* validation accuracy is
+not below the frozen start, and the best state is kept; when no epoch is better the frozen
+weights are restored, so fine-tuning never makes the model worse on validation.
+
+The bottleneck cache never sees the changed weights: its vectors are all computed before stage 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import progress
+from ._tf import tf as _tf
+from .config import TrainConfig
+from .errors import ConfigError, ModuleError
+from .images import iter_image_batches, to_module_input
+
+
+@dataclass
+class FineTuneResult:
+    kernel: np.ndarray  # head of the kept state
+    bias: np.ndarray
+    kept: str  # "fine_tuned" or "frozen"
+    epochs_run: int
+    best_epoch: int  # 0: no epoch beat the frozen start
+    learning_rate: float
+    frozen_validation: dict  # {"loss", "accuracy"} of the stage-1 head on the unchanged module
+    best_validation: dict  # the kept state's
+    history: list[dict]  # per epoch: loss, val_loss, val_accuracy, seconds
+    seconds: float
+    weights_fingerprint: str  # of the module's weights as exported
+    original_weights_fingerprint: str
+    validation_labels: np.ndarray = field(repr=False, default=None)
+    validation_probabilities: np.ndarray = field(repr=False, default=None)  # of the kept state
+
+    @property
+    def weights_changed(self) -> bool:
+        return self.kept == "fine_tuned"
+
+    def to_dict(self) -> dict:
+        return {
+            "kept": self.kept,
+            "weights_changed": self.weights_changed,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "learning_rate": self.learning_rate,
+            "frozen_validation": self.frozen_validation,
+            "best_validation": self.best_validation,
+            "history": self.history,
+            "seconds": round(self.seconds, 3),
+            "weights_fingerprint": self.weights_fingerprint,
+            "original_weights_fingerprint": self.original_weights_fingerprint,
+        }
+
+
+def trainable_module_variables(module) -> list:
+    """The variables the module offers for training; a clear error when there are none."""
+    variables = list(getattr(module.obj, "trainable_variables", None) or [])
+    if not variables:
+        raise ModuleError(
+            f"module {module.info.handle} has no trainable variables, so it cannot be fine-tuned: "
+            "train without --fine-tune (the head alone)"
+        )
+    return variables
+
+
+def module_variables(module) -> list:
+    return list(getattr(module.obj, "variables", None) or getattr(module.obj, "trainable_variables", None) or [])
+
+
+def weights_fingerprint(module) -> str:
+    """SHA-256 over the module's variables (name, dtype, shape, values) in the module's own order."""
+    digest = hashlib.sha256()
+    for variable in module_variables(module):
+        value = np.ascontiguousarray(variable.numpy())
+        digest.update(f"{variable.name}|{value.dtype.str}|{value.shape}".encode() + b"\0")
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _optimizer(config: TrainConfig, learning_rate: float):
+    import keras
+
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
+def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_images, n_classes: int,
+              config: TrainConfig, class_weights: dict[int, float] | None = None, augmentation=None) -> FineTuneResult:
+    """Train the module's trainable variables and the head (from ``kernel``, ``bias``) on the
+    images (dataset.ImageFile). The module object is changed in place to the kept state, so an
+    export made from it afterwards serves the fine-tuned weights."""
+    tf = _tf()
+    import keras
+
+    from .augment import augment_pixels
+
+    module_vars = trainable_module_variables(module)
+    if not val_images:
+        raise ConfigError("--fine-tune needs validation images to keep only improvements: use --validation-percent above 0 or --validation-dir")
+    spec = module.info.input_spec
+    keras.utils.set_random_seed(config.seed)
+    learning_rate = config.resolved_fine_tune_learning_rate
+    head_kernel = tf.Variable(np.asarray(kernel, np.float32), name="head_kernel")
+    head_bias = tf.Variable(np.asarray(bias, np.float32), name="head_bias")
+    trained = module_vars + [head_kernel, head_bias]
+    start_state = [v.numpy() for v in trained]
+    original_fingerprint = weights_fingerprint(module)
+    optimizer = _optimizer(config, learning_rate)
+    regularizers = list(getattr(module.obj, "regularization_losses", None) or [])
+    weights = [1.0] * n_classes if class_weights is None else [class_weights.get(c, 1.0) for c in range(n_classes)]
+    weight_table = tf.constant(weights, tf.float32)
+    smoothing, dropout, l2 = config.label_smoothing, config.dropout, config.l2
+    image_spec = tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)
+
+    def logits_of(pixels, dropout_seed=None):
+        features = module.features(to_module_input(pixels, spec.value_range))  # inference mode: BN frozen
+        if dropout_seed is not None and dropout > 0:
+            features = tf.nn.experimental.stateless_dropout(features, dropout, dropout_seed)
+        return tf.matmul(features, head_kernel) + head_bias
+
+    def losses_of(labels, logits):  # the head's loss: cross-entropy with label smoothing
+        target = tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
+        return tf.nn.softmax_cross_entropy_with_logits(target, logits)
+
+    @tf.function(input_signature=[image_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)])
+    def train_step(pixels, labels, seed):
+        with tf.GradientTape() as tape:
+            # As Keras weighs with class_weight: the weighted sum over the batch size.
+            loss = tf.reduce_mean(losses_of(labels, logits_of(pixels, seed)) * tf.gather(weight_table, labels))
+            total = loss + l2 * tf.reduce_sum(tf.square(head_kernel))
+            for regularizer in regularizers:
+                total += regularizer()
+        gradients = tape.gradient(total, trained)
+        optimizer.apply_gradients([(g, v) for g, v in zip(gradients, trained) if g is not None])
+        return loss
+
+    @tf.function(input_signature=[image_spec, tf.TensorSpec([None], tf.int64)], autograph=False)
+    def eval_step(pixels, labels):
+        logits = logits_of(pixels)
+        return tf.nn.softmax(logits), losses_of(labels, logits)
+
+    val_labels_all = np.asarray([i.label for i in val_images], np.int64)
+
+    def validate():
+        labels, probabilities, losses = [], [], []
+        for indices, pixels, _ in iter_image_batches([i.path for i in val_images], [i.decoder for i in val_images],
+                                                      spec.height, spec.width, config.extract_batch_size):
+            if pixels is None or not len(indices):
+                continue
+            batch_labels = val_labels_all[indices]
+            p, l = eval_step(tf.constant(pixels), tf.constant(batch_labels))
+            labels.append(batch_labels)
+            probabilities.append(p.numpy())
+            losses.append(l.numpy())
+        labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
+        figures = {"loss": float(np.concatenate(losses).mean()),
+                   "accuracy": float((probabilities.argmax(1) == labels).mean())}
+        return figures, labels, probabilities
+
+    started = time.perf_counter()
+    frozen, val_labels, best_probabilities = validate()
+    best_loss, best_state, best_epoch, best = frozen["loss"], None, 0, frozen
+    train_labels = np.asarray([i.label for i in train_images], np.int64)
+    history: list[dict] = []
+    wait = 0
+    with progress.bar(total=config.fine_tune_epochs * len(train_images), desc="fine-tune", unit="img") as bar:
+        for epoch in range(1, config.fine_tune_epochs + 1):
+            epoch_started = time.perf_counter()
+            rng = np.random.default_rng([config.seed, epoch])
+            order = rng.permutation(len(train_images))
+            chosen = [train_images[i] for i in order]
+            total_loss, seen = 0.0, 0
+            for indices, pixels, skipped in iter_image_batches([i.path for i in chosen], [i.decoder for i in chosen],
+                                                                spec.height, spec.width, config.fine_tune_batch_size):
+                if pixels is not None and len(indices):
+                    labels = train_labels[order[indices]]
+                    if augmentation is not None:
+                        pixels = augment_pixels(pixels, augmentation.draw(rng, len(pixels)))
+                    seed = rng.integers(0, 2**31 - 1, size=2)
+                    loss = float(train_step(tf.constant(pixels), tf.constant(labels), tf.constant(seed, tf.int64)))
+                    total_loss += loss * len(indices)
+                    seen += len(indices)
+                bar.update(len(indices) + len(skipped))
+                bar.set_postfix({"epoch": epoch, "loss": f"{total_loss / max(seen, 1):.3f}"}, refresh=False)
+            figures, labels, probabilities = validate()
+            better = figures["loss"] < best_loss and figures["accuracy"] >= frozen["accuracy"]
+            history.append({"epoch": epoch, "loss": total_loss / max(seen, 1), "val_loss": figures["loss"],
+                            "val_accuracy": figures["accuracy"], "improved": better,
+                            "seconds": round(time.perf_counter() - epoch_started, 3)})
+            if better:
+                best_loss, best_epoch, best, wait = figures["loss"], epoch, figures, 0
+                best_state = [v.numpy() for v in trained]
+                val_labels, best_probabilities = labels, probabilities
+            else:
+                wait += 1
+                if config.fine_tune_patience and wait >= config.fine_tune_patience:
+                    break
+    for variable, value in zip(trained, best_state if best_state is not None else start_state):
+        variable.assign(value)
+    return FineTuneResult(
+        kernel=head_kernel.numpy(),
+        bias=head_bias.numpy(),
+        kept="fine_tuned" if best_state is not None else "frozen",
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        learning_rate=learning_rate,
+        frozen_validation=frozen,
+        best_validation=best,
+        history=history,
+        seconds=time.perf_counter() - started,
+        weights_fingerprint=weights_fingerprint(module),
+        original_weights_fingerprint=original_fingerprint,
+        validation_labels=val_labels,
+        validation_probabilities=best_probabilities,
+    )
+
+
+__all__ = ["FineTuneResult", "fine_tune", "trainable_module_variables", "weights_fingerprint"]
