@@ -52,8 +52,8 @@ def _pixels(colour_dir, size=32):
 def _saved_variables(out):
     import tensorflow as tf
 
-    extractor = tf.saved_model.load(str(out / "saved_model")).feature_extractor
-    return SimpleNamespace(obj=extractor), {v.name: v.numpy() for v in extractor.variables}
+    variables = list(tf.saved_model.load(str(out / "saved_model")).module_variables)
+    return SimpleNamespace(obj=SimpleNamespace(variables=variables)), {v.name: v.numpy() for v in variables}
 
 
 def test_fine_tuning_changes_module_weights_and_records_them(tuned, bn_module):
