@@ -77,6 +77,18 @@ def _same_vectors(a: dict, b: dict) -> None:
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6)
 
 
+def _kill_when(process, happened, what: str, timeout: float = 180) -> None:
+    """SIGKILL ``process`` as soon as ``happened()`` is true (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while not happened():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, f"no {what} in {timeout:g} s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+
+
 @pytest.fixture(scope="module")
 def reference(slow_setup, tmp_path_factory):
     """An uninterrupted run: what every other run must reproduce."""
@@ -91,15 +103,7 @@ def test_sigkill_during_extraction_then_rerun_resumes_with_the_same_result(slow_
     module, images = slow_setup
     expected, expected_out, expected_vectors = reference
     out, cache = tmp_path / "out", tmp_path / "cache"
-    process = _train(module, images, out, cache)
-    deadline = time.monotonic() + 120
-    while not list(cache.glob("*/[!.]*.npz")):  # the first complete shard
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, "no shard was written in time"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
+    _kill_when(_train(module, images, out, cache), lambda: list(cache.glob("*/[!.]*.npz")), "the first complete shard")
     kept = _cached(cache)
     assert 0 < len(kept) < 3 * COUNT, "the kill did not land during extraction"
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
@@ -117,14 +121,7 @@ def test_sigkill_during_export_leaves_no_output_and_the_rerun_cleans_up(slow_set
     module, images = slow_setup
     expected, expected_out, expected_vectors = reference
     out, cache = tmp_path / "out", tmp_path / "cache"
-    process = _train(module, images, out, cache)
-    deadline = time.monotonic() + 180
-    while not list(tmp_path.glob(".out.partial-*")):  # export has begun writing
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, "export did not start in time"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    _kill_when(_train(module, images, out, cache), lambda: list(tmp_path.glob(".out.partial-*")), "export's staging folder")
     assert not out.exists()  # nothing where a user would pick it up
     assert len(list(tmp_path.glob(".out.partial-*"))) == 1
 
