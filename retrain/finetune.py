@@ -27,6 +27,7 @@ from . import progress
 from ._tf import tf as _tf
 from .config import TrainConfig
 from .errors import ConfigError, ModuleError
+from .head import head_losses
 from .images import iter_image_batches, to_module_input
 
 
@@ -134,9 +135,8 @@ def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_im
             features = tf.nn.experimental.stateless_dropout(features, dropout, dropout_seed)
         return tf.matmul(features, head_kernel) + head_bias
 
-    def losses_of(labels, logits):  # the head's loss: cross-entropy with label smoothing
-        target = tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
-        return tf.nn.softmax_cross_entropy_with_logits(target, logits)
+    def losses_of(labels, logits):
+        return head_losses(labels, logits, n_classes, smoothing)
 
     @tf.function(input_signature=[image_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)])
     def train_step(pixels, labels, seed):

@@ -28,24 +28,22 @@ class Head:
     seconds: float
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
-        logits = vectors @ self.kernel + self.bias
+        return self.probabilities_of(vectors, self.kernel, self.bias)
+
+    @staticmethod
+    def probabilities_of(vectors: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """Softmax of the head's logits, in float32 as the serving graph computes it."""
+        logits = np.asarray(vectors, np.float32) @ np.asarray(kernel, np.float32) + np.asarray(bias, np.float32)
         logits = logits - logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
 
-def build_head_model(dim: int, n_classes: int, config: TrainConfig):
-    import keras
-
-    inputs = keras.Input(shape=(dim,), name="bottleneck")
-    x = keras.layers.Dropout(config.dropout, name="dropout")(inputs) if config.dropout > 0 else inputs
-    outputs = keras.layers.Dense(
-        n_classes,
-        activation="softmax",
-        kernel_regularizer=keras.regularizers.L2(config.l2) if config.l2 > 0 else None,
-        name="logits",
-    )(x)
-    return keras.Model(inputs, outputs, name="head")
+def head_losses(labels, logits, n_classes: int, smoothing: float):
+    """Per-image cross-entropy with label smoothing: the head's loss, in both training stages."""
+    tf = _tf()
+    target = tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
+    return tf.nn.softmax_cross_entropy_with_logits(target, logits)
 
 
 def _optimizer(config: TrainConfig):
@@ -80,81 +78,97 @@ def train_head(
     """Fit the head; returns its best weights (by validation loss when there is validation data).
 
     ``class_weights`` (class index -> weight) scale each training image's loss; validation loss
-    is never weighted, so the best epoch is chosen on the plain loss."""
-    _tf()
+    is never weighted, so the best epoch is chosen on the plain loss.
+
+    Each epoch is one call of a traced function that loops over the shuffled batches in the
+    graph: the cost per epoch is the arithmetic, not a framework's per-epoch set-up."""
+    tf = _tf()
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    model = build_head_model(train_x.shape[1], n_classes, config)
-    steps = math.ceil(len(train_x) / config.batch_size)
-    model.compile(
-        optimizer=_optimizer(config),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-        steps_per_execution=max(1, min(steps, 32)),
-    )
+    dim = int(train_x.shape[1])
+    kernel = tf.Variable(keras.initializers.GlorotUniform(seed=config.seed)((dim, n_classes)), name="head_kernel")
+    bias = tf.Variable(tf.zeros([n_classes]), name="head_bias")
+    variables = [kernel, bias]
+    optimizer = _optimizer(config)
+    optimizer.build(variables)
+    weights = np.ones(n_classes, np.float32) if class_weights is None else np.asarray(
+        [class_weights.get(c, 1.0) for c in range(n_classes)], np.float32)
+    x = tf.constant(np.asarray(train_x, np.float32))
+    y = tf.constant(np.asarray(train_y, np.int64))
+    w = tf.gather(tf.constant(weights), y)
+    n, batch = len(train_x), config.batch_size
+    dropout, l2, smoothing = config.dropout, config.l2, config.label_smoothing
+
+    def regularization():
+        return l2 * tf.reduce_sum(tf.square(kernel))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)])
+    def run_epoch(order, seed):
+        loss_sum, correct = tf.constant(0.0), tf.constant(0)
+        for start in tf.range(0, n, batch, dtype=tf.int64):
+            chosen = order[start : start + batch]
+            features, labels = tf.gather(x, chosen), tf.gather(y, chosen)
+            if dropout > 0:
+                features = tf.nn.experimental.stateless_dropout(features, dropout, seed + tf.stack([0, start]))
+            with tf.GradientTape() as tape:
+                logits = tf.matmul(features, kernel) + bias
+                # As Keras weighs with class_weight: the weighted sum over the batch size.
+                loss = tf.reduce_mean(head_losses(labels, logits, n_classes, smoothing) * tf.gather(w, chosen))
+                loss += regularization()
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            size = tf.shape(chosen)[0]
+            loss_sum += loss * tf.cast(size, tf.float32)
+            correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int32))
+        return loss_sum / n, tf.cast(correct, tf.float32) / n
+
     has_validation = val_x is not None and len(val_x) > 0
-    monitor = _Monitor(config.epochs, config.patience if has_validation else 0)
+    if has_validation:
+        vx, vy = tf.constant(np.asarray(val_x, np.float32)), tf.constant(np.asarray(val_y, np.int64))
+
+        @tf.function(autograph=False)
+        def validate():
+            logits = tf.matmul(vx, kernel) + bias
+            loss = tf.reduce_mean(head_losses(vy, logits, n_classes, smoothing)) + regularization()
+            return loss, tf.reduce_mean(tf.cast(tf.argmax(logits, 1) == vy, tf.float32))
+
+    patience = config.patience if has_validation else 0
+    rng = np.random.default_rng(config.seed)
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    if has_validation:
+        history.update(val_loss=[], val_accuracy=[])
+    best_loss, best_epoch, best_weights, wait = math.inf, 0, None, 0
     started = time.perf_counter()
-    history = model.fit(
-        train_x,
-        keras.utils.to_categorical(train_y, n_classes),
-        validation_data=(val_x, keras.utils.to_categorical(val_y, n_classes)) if has_validation else None,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        shuffle=True,
-        class_weight=class_weights,
-        verbose=0,
-        callbacks=[monitor],
-    ).history
+    with progress.bar(total=config.epochs, desc="head", unit="epoch") as bar:
+        for epoch in range(1, config.epochs + 1):
+            loss, accuracy = run_epoch(tf.constant(rng.permutation(n)), tf.constant([config.seed, epoch], tf.int64))
+            history["loss"].append(float(loss))
+            history["accuracy"].append(float(accuracy))
+            shown = {"loss": f"{float(loss):.3f}"}
+            if has_validation:
+                val_loss, val_accuracy = (float(v) for v in validate())
+                history["val_loss"].append(val_loss)
+                history["val_accuracy"].append(val_accuracy)
+                shown["val_accuracy"] = f"{val_accuracy:.3f}"
+            bar.set_postfix(shown, refresh=False)
+            bar.update(1)
+            if not has_validation:
+                continue
+            if val_loss < best_loss:
+                best_loss, best_epoch, wait = val_loss, epoch, 0
+                best_weights = (kernel.numpy(), bias.numpy())
+            else:
+                wait += 1
+                if patience and wait >= patience:
+                    break
     seconds = time.perf_counter() - started
     epochs_run = len(history["loss"])
-    best_epoch = monitor.best_epoch if has_validation else epochs_run
-    dense = model.get_layer("logits")
-    kernel, bias = (w.numpy() if hasattr(w, "numpy") else np.asarray(w) for w in dense.weights)
+    final = best_weights if best_weights is not None else (kernel.numpy(), bias.numpy())
     return Head(
-        kernel=np.asarray(kernel, np.float32),
-        bias=np.asarray(bias, np.float32),
+        kernel=np.asarray(final[0], np.float32),
+        bias=np.asarray(final[1], np.float32),
         epochs_run=epochs_run,
-        best_epoch=best_epoch,
-        history={k: [float(v) for v in vals] for k, vals in history.items()},
+        best_epoch=best_epoch if has_validation else epochs_run,
+        history=history,
         seconds=seconds,
     )
-
-
-class _Monitor:
-    """Keras callback: one progress tick per epoch; with validation, early stopping on
-    validation loss and the best epoch's weights restored at the end (Keras' own EarlyStopping
-    restores them only when it stops early)."""
-
-    def __new__(cls, epochs: int, patience: int):
-        import keras
-
-        class Monitor(keras.callbacks.Callback):
-            best_epoch = 0
-
-            def on_train_begin(self, logs=None):
-                self.bar = progress.bar(total=epochs, desc="head", unit="epoch")
-                self.best_loss, self.best_weights, self.wait = math.inf, None, 0
-
-            def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
-                shown = {k: f"{logs[k]:.3f}" for k in ("loss", "val_accuracy") if k in logs}
-                self.bar.set_postfix(shown, refresh=False)
-                self.bar.update(1)
-                if "val_loss" not in logs:
-                    return
-                if logs["val_loss"] < self.best_loss:
-                    self.best_loss, self.best_epoch, self.wait = logs["val_loss"], epoch + 1, 0
-                    self.best_weights = self.model.get_weights()
-                else:
-                    self.wait += 1
-                    if patience and self.wait >= patience:
-                        self.model.stop_training = True
-
-            def on_train_end(self, logs=None):
-                self.bar.close()
-                if self.best_weights is not None:
-                    self.model.set_weights(self.best_weights)
-
-        return Monitor()
