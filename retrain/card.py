@@ -80,9 +80,10 @@ def model_card(run: dict, metrics: dict) -> str:
         source = "fine-tuned network" if fine_tuned else "head on cached features"
         lines.append(f"- validation accuracy ({source}): {_pct(metrics['validation']['accuracy'])}")
     if "test" in metrics:
-        lines.append(f"- test accuracy (SavedModel, {metrics['test']['n_images']} images): {_pct(metrics['test']['accuracy'])}")
+        test_source = "fine-tuned network" if fine_tuned else "head on cached features, as the SavedModel computes it"
+        lines.append(f"- test accuracy ({test_source}, {metrics['test']['n_images']} images): {_pct(metrics['test']['accuracy'])}")
     if metrics.get("tflite"):
-        lines += ["", "| file | format | size | test accuracy | agrees with SavedModel | latency (1 thread) |",
+        lines += ["", "| file | format | size | test accuracy | agrees with the trained model | latency (1 thread) |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for name, row in metrics["tflite"].items():
             lines.append(f"| `{row['file']}` | {TFLITE_FORMATS[name].description} | {row['size_bytes'] / 1e6:.2f} MB | "

@@ -149,7 +149,7 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
         click.echo(f"validation accuracy: {result.metrics['validation']['accuracy']:.4f}")
     if "test" in result.metrics:
         test = result.metrics["test"]
-        click.echo(f"test accuracy: {test['accuracy']:.4f} (SavedModel, {test['n_images']} images)")
+        click.echo(f"test accuracy: {test['accuracy']:.4f} ({test['n_images']} images)")
         click.echo("test recall per class: " + ", ".join(f"{name} {row['recall']:.4f}" for name, row in test["per_class"].items()))
     _tflite_table(result.metrics.get("tflite", {}))
     click.echo(f"model: {result.output}")
