@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -141,6 +142,24 @@ def test_console_script_and_module_entry_point(tmp_path):
     for command in ([sys.executable, "-m", "retrain", "--version"],):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0 and "retrain" in result.stdout
+
+
+@pytest.mark.subprocess
+def test_prompt_exit_keeps_exit_codes_and_output(tiny_module, colour_dir, tmp_path):
+    """The program ends without the interpreter's teardown: exit codes, stdout and the output
+    folder must be exactly what ``main`` produced."""
+    def retrain(*args):
+        return subprocess.run([sys.executable, "-m", "retrain", *args], capture_output=True, text=True)
+
+    failed = retrain("train", str(tmp_path / "missing"), "--module", tiny_module, "--output", str(tmp_path / "o"))
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines() == [f"Error: image folder {tmp_path / 'missing'} does not exist"]
+    assert retrain("no-such-command").returncode == 2
+    out = tmp_path / "out"
+    trained = retrain("train", str(colour_dir), "--module", tiny_module, "--output", str(out), "--cache-dir",
+                      str(tmp_path / "cache"), "--json", "--quantize", "none", *FAST)
+    assert trained.returncode == 0, trained.stderr
+    data = json.loads(trained.stdout)  # complete: flushed before the process ended
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(p).name for p in data["artifacts"].values())
 
 
 def test_readme_measurement_commands_use_real_options():
