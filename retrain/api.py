@@ -222,18 +222,19 @@ def _batched(function, pixels: np.ndarray, batch_size: int) -> np.ndarray:
                            for start in range(0, len(pixels), batch_size)])
 
 
-def write_tflite_variants(saved_model_dir: Path, directory: Path, formats, classes, representative, test: _TestSet,
+def write_tflite_variants(source, directory: Path, formats, classes, representative, test: _TestSet,
                           max_accuracy_drop: float, metadata: dict,
                           float32_accuracy: float | None = None) -> tuple[dict, dict, list[str]]:
-    """Convert each format, then check it on the test split at once. Returns (paths, figures, warnings).
+    """Convert each format from ``source`` (the serving model in memory, or a SavedModel folder),
+    then check it on the test split at once. Returns (paths, figures, warnings).
 
     Quantized variants are compared with float32's accuracy: the one written now, else
     ``float32_accuracy`` (from an earlier export)."""
     paths, figures, warnings = {}, {}, []
-    converter = tflite_converter(saved_model_dir)
+    converter = tflite_converter(source)
     for name in formats:
         fmt = TFLITE_FORMATS[name]
-        path = export_tflite(saved_model_dir, directory / fmt.filename, name, classes, representative, metadata, converter)
+        path = export_tflite(source, directory / fmt.filename, name, classes, representative, metadata, converter)
         paths[name] = path
         if test.pixels is not None:
             figures[name] = check_tflite(path, test.reference, test.pixels, test.labels)
@@ -417,7 +418,7 @@ def train(
             representative = _representative_images(split.train, spec, config.calibration_samples, config.seed, config.extract_batch_size)
         tflite_metadata = _tflite_metadata(loaded.info, split.classes, module_record["weights_changed"])
         paths, metrics["tflite"], tflite_warnings = write_tflite_variants(
-            stage / SAVED_MODEL_DIR, stage, formats, split.classes, representative, test, config.max_accuracy_drop, tflite_metadata
+            serving, stage, formats, split.classes, representative, test, config.max_accuracy_drop, tflite_metadata
         )
         split.warnings.extend(tflite_warnings)
         for name, path in paths.items():

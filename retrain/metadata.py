@@ -65,8 +65,13 @@ def add_metadata(
     version: str,
     input_description: str,
     output_description: str,
+    signature: tuple[str, str, str] | None = None,
 ) -> bytes:
     """Return a new .tflite (bytes) with TFLite metadata for an image classifier + labels.txt packed inside as a zip entry.
+
+    ``signature`` (key, input name, output name): a SignatureDef for the model's one input and
+    output, added when the model has none (a frozen-graph conversion writes none; a SavedModel
+    conversion's own is kept).
 
     ``flatbuffer`` is a converted model: one subgraph, one image input [1, height, width, 3] (RGB,
     uint8 needs no normalization), one output of class scores [1, len(labels)]. A ``TFLITE_METADATA``
@@ -121,6 +126,11 @@ def add_metadata(
         output_type=int(output_tensor.type),
     )
 
+    if signature is not None and not model.signatureDefs:
+        key, input_name, output_name = signature
+        model.signatureDefs = [_signature_def(schema, key, (input_name, graph.inputs[0]), (output_name, graph.outputs[0]))]
+        _tidy_tensor_names(model)
+
     buffer = schema.BufferT()
     buffer.data = metadata
     model.buffers = list(model.buffers or [])
@@ -146,6 +156,34 @@ def add_metadata(
     with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(LABELS_FILE, "\n".join(labels) + "\n")
     return out.getvalue()
+
+
+def _tidy_tensor_names(model) -> None:
+    """A frozen-graph conversion names each fused tensor after its ops twice (once more under the
+    ``StatefulPartitionedCall/...`` scopes of the frozen call) and sometimes after a numbered node
+    that changes from process to process. Keep the plain op names, as a SavedModel conversion
+    writes them: files are about 45 KB smaller and the names stable between runs."""
+    for subgraph in model.subgraphs or []:
+        for tensor in subgraph.tensors or []:
+            name = _text(tensor.name) or ""
+            parts = [p for p in name.split(";") if p and not p.startswith("StatefulPartitionedCall") and not p.isdigit()]
+            tidy = ";".join(dict.fromkeys(parts))
+            if tidy and tidy != name:
+                tensor.name = tidy
+
+
+def _signature_def(schema, key: str, input_map: tuple[str, int], output_map: tuple[str, int]):
+    def tensor_map(name, index):
+        entry = schema.TensorMapT()
+        entry.name, entry.tensorIndex = name, int(index)
+        return entry
+
+    definition = schema.SignatureDefT()
+    definition.signatureKey = key
+    definition.subgraphIndex = 0
+    definition.inputs = [tensor_map(*input_map)]
+    definition.outputs = [tensor_map(*output_map)]
+    return definition
 
 
 def _text(value) -> str | None:
