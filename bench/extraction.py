@@ -40,13 +40,13 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
 
     tf = _tf()
     progress.set_enabled(False)
-    batch_size = TrainConfig().extract_batch_size
     count = ctx.sizes["extract_images"]
     # The scan reads every file, so the page cache is warm; identical files are computed once by the tool.
     images = list({i.content_hash: i for i in scan_folder(ctx.extract_dir).images}.values())[:count]
     paths, decoders = [i.path for i in images], [i.decoder for i in images]
     module = load_module(str(ctx.module))
     spec = module.info.input_spec
+    batch_size = TrainConfig().batch_for_images(spec.height, spec.width)  # what train uses
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
 
     @tf.function(input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)], autograph=False)

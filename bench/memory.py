@@ -68,7 +68,7 @@ def worker(folder: str, module: str, cache: str) -> dict:
     scanned = time.perf_counter()
     everything = split.train + split.validation + split.test
     cache_obj = BottleneckCache(cache, loaded.info.fingerprint, loaded.info.input_spec.key())
-    result = extract_bottlenecks(everything, loaded, cache_obj, TrainConfig().extract_batch_size)
+    result = extract_bottlenecks(everything, loaded, cache_obj, TrainConfig().batch_for_images(loaded.info.input_spec.height, loaded.info.input_spec.width))
     finished = time.perf_counter()
     return {"images": len(everything), "computed": result.misses, "skipped": len(result.skipped),
             "rss_before_mb": round(before, 1), "peak_rss_mb": round(peak_rss_mb(), 1), "peak_window_reset": window,

@@ -313,7 +313,8 @@ def train(
     clean_stale_temporaries(cache_root)
     cache = BottleneckCache(cache_root, loaded.info.fingerprint, spec.key())
     everything = split.train + split.validation + split.test
-    bottlenecks = extract_bottlenecks(everything, loaded, cache, config.extract_batch_size)
+    batch = config.batch_for_images(spec.height, spec.width)
+    bottlenecks = extract_bottlenecks(everything, loaded, cache, batch)
     timings["bottlenecks"] = time.perf_counter() - mark
 
     classes_by_path = {image.path: split.classes[image.label] for image in everything}
@@ -338,7 +339,7 @@ def train(
         mark = time.perf_counter()
         augmented_store = augmented_cache(cache_root, loaded.info, DEFAULT_AUGMENTATION)
         augmented, copy_keys = extract_augmented_bottlenecks(split.train, loaded, augmented_store, copies,
-                                                             DEFAULT_AUGMENTATION, config.extract_batch_size)
+                                                             DEFAULT_AUGMENTATION, batch)
         timings["augment"] = time.perf_counter() - mark
         augment_record["cache"] = {"hits": augmented.hits, "misses": augmented.misses,
                                    "corrupt_shards": len(augmented.corrupt_shards), "dir": str(augmented_store.dir)}
@@ -399,11 +400,11 @@ def train(
         # pixels are already at the module's size) and what training saw. Fine-tuned module: the
         # cached vectors are the frozen module's, so the serving model in memory (the one just
         # saved) is run on the test pixels.
-        test_images, test_pixels, test_labels = _test_pixels(split.test, spec, config.extract_batch_size)
+        test_images, test_pixels, test_labels = _test_pixels(split.test, spec, batch)
         test = _TestSet(test_images, test_pixels, test_labels, None)
         if test_pixels is not None:
             if module_record["weights_changed"]:
-                test.reference = _batched(serving.serve_fixed, test_pixels, config.extract_batch_size)
+                test.reference = _batched(serving.serve_fixed, test_pixels, batch)
                 source = "fine-tuned serving model (the saved one, in memory) on the test images"
             else:
                 test_x, _ = _arrays(test_images, bottlenecks.vectors, dim)
@@ -415,7 +416,7 @@ def train(
         formats = ["float32"] + [f for f in config.quantize if f != "float32"]
         representative = None
         if any(TFLITE_FORMATS[f].needs_representative for f in formats):
-            representative = _representative_images(split.train, spec, config.calibration_samples, config.seed, config.extract_batch_size)
+            representative = _representative_images(split.train, spec, config.calibration_samples, config.seed, batch)
         tflite_metadata = _tflite_metadata(loaded.info, split.classes, module_record["weights_changed"])
         paths, metrics["tflite"], tflite_warnings = write_tflite_variants(
             serving, stage, formats, split.classes, representative, test, config.max_accuracy_drop, tflite_metadata

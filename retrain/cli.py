@@ -102,7 +102,7 @@ def main():
 @click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True, help="Most epochs; early stopping may end sooner.")
 @click.option("--patience", type=int, default=DEFAULTS.patience, show_default=True, help="Epochs without validation-loss improvement before stopping (0: never stop early).")
 @click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Head training batch size.")
-@click.option("--extract-batch-size", type=int, default=DEFAULTS.extract_batch_size, show_default=True, help="Images per module call when computing bottlenecks.")
+@click.option("--extract-batch-size", type=int, default=None, show_default="128 at 224x224, fewer for larger images", help="Images per module call when computing bottlenecks.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=DEFAULTS.optimizer, show_default=True)
 @click.option("--learning-rate", type=float, default=DEFAULTS.learning_rate, show_default=True)
 @click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True, help="SGD momentum.")

@@ -160,7 +160,7 @@ def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_im
     def validate():
         labels, probabilities, losses = [], [], []
         for indices, pixels, _ in iter_image_batches([i.path for i in val_images], [i.decoder for i in val_images],
-                                                      spec.height, spec.width, config.extract_batch_size):
+                                                      spec.height, spec.width, config.batch_for_images(spec.height, spec.width)):
             if pixels is None or not len(indices):
                 continue
             batch_labels = val_labels_all[indices]

@@ -1,6 +1,7 @@
 """The bottleneck cache: hits, atomic shards, corruption detected and recomputed."""
 
 import numpy as np
+import pytest
 
 from retrain.bottlenecks import BottleneckCache, extract_bottlenecks
 from retrain.dataset import scan_folder
@@ -132,3 +133,17 @@ def test_lookup_reads_only_shards_holding_wanted_keys(tiny_module, colour_dir, t
     assert (others.hits, others.misses, others.corrupt_shards) == (20, 0, [])  # the damaged shard was not read
     again = extract_bottlenecks(images, module, fresh)
     assert (again.hits, again.misses, len(again.corrupt_shards)) == (20, 10, 1)
+
+
+def test_extract_batch_follows_the_image_size_unless_given():
+    from retrain.config import TrainConfig
+    from retrain.errors import ConfigError
+
+    auto = TrainConfig()
+    assert auto.batch_for_images(224, 224) == 128
+    assert auto.batch_for_images(96, 96) == 128  # never above 128
+    assert auto.batch_for_images(448, 448) == 32  # the same pixels per call
+    assert auto.batch_for_images(4096, 4096) == 8  # never below 8
+    assert TrainConfig(extract_batch_size=20).batch_for_images(448, 448) == 20
+    with pytest.raises(ConfigError, match="--extract-batch-size must be at least 1"):
+        TrainConfig.from_options(extract_batch_size=0)
