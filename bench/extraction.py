@@ -35,7 +35,7 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
     from retrain.bottlenecks import BottleneckCache, extract_bottlenecks
     from retrain.config import TrainConfig
     from retrain.dataset import scan_folder
-    from retrain.images import iter_image_batches, to_module_input
+    from retrain.images import iter_image_batches
     from retrain.module import load_module
 
     tf = _tf()
@@ -49,9 +49,7 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
     batch_size = TrainConfig().batch_for_images(spec.height, spec.width)  # what train uses
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)], autograph=False)
-    def forward(batch):
-        return module.features(to_module_input(batch, spec.value_range))
+    forward = module.pixel_features  # the function extraction calls
 
     first = next(b for _, b, _ in iter_image_batches(paths, decoders, spec.height, spec.width, batch_size) if b is not None)
     with tf.device("/cpu:0"):

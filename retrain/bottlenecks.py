@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import progress
-from ._tf import tf as _tf
-from .images import iter_image_batches, to_module_input
+from .images import iter_image_batches
 
 SHARD_SIZE = 512  # vectors per shard: bounds memory while extracting and the work lost to a kill
 
@@ -199,22 +198,6 @@ class Bottlenecks:
     computed_seconds: float = 0.0
 
 
-def _forward_function(module):
-    """uint8 batch -> features: the module called through one traced function, traced once per
-    loaded module and kept with it (the cast and scaling run on the module's device, beside it)."""
-    forward = getattr(module, "_bottleneck_forward", None)
-    if forward is None:
-        tf = _tf()
-        spec = module.info.input_spec
-
-        @tf.function(input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)], autograph=False)
-        def forward(batch):
-            return module.features(to_module_input(batch, spec.value_range))
-
-        module._bottleneck_forward = forward
-    return forward
-
-
 def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64, augment=None) -> Bottlenecks:
     """Vectors for ``images`` (dataset.ImageFile): from the cache, computing and storing the misses.
 
@@ -243,7 +226,7 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
     if not todo:
         return result
     spec = module.info.input_spec
-    forward = _forward_function(module)
+    forward = module.pixel_features
     todo_keys = [image.content_hash for image in todo]
     started = time.perf_counter()
     pending_keys: list[str] = []

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -74,10 +74,29 @@ class LoadedModule:
         self.info = info
         self.obj = obj
         self._call = call
+        self._pixel_features = None
 
     def features(self, images_float):
         """float32 images in the module's value range -> [batch, dim] features (inference mode)."""
         return self._call(images_float)
+
+    @property
+    def pixel_features(self):
+        """uint8 batch [n, H, W, 3] -> features: the module called through one traced function,
+        traced once per loaded module (the cast and scaling run on the module's device, beside
+        it). Extraction calls it; ``load_module`` probes the module through it, so the graph's
+        one-time set-up on the first call is paid once."""
+        if self._pixel_features is None:
+            from .images import to_module_input
+
+            tf = _tf()
+            spec = self.info.input_spec
+            self._pixel_features = tf.function(
+                lambda batch: self.features(to_module_input(batch, spec.value_range)),
+                input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)],
+                autograph=False,
+            )
+        return self._pixel_features
 
 
 def is_url(handle: str) -> bool:
@@ -262,9 +281,12 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
     traced = tf.function(
         call, input_signature=[tf.TensorSpec([None, input_spec.height, input_spec.width, 3], tf.float32)], autograph=False
     )
-    probe = np.zeros((2, input_spec.height, input_spec.width, 3), np.float32)
+    info = ModuleInfo(handle=handle, path=str(path), fingerprint=digest, input_spec=input_spec, feature_dim=0,
+                      trainable_variables=len(getattr(obj, "trainable_variables", []) or []))
+    loaded = LoadedModule(info, obj, traced)
+    probe = np.zeros((2, input_spec.height, input_spec.width, 3), np.uint8)
     try:
-        output = traced(tf.constant(probe))
+        output = loaded.pixel_features(tf.constant(probe))
     except Exception as error:
         first = first_line(error)
         raise ModuleError(f"module {handle} failed on a {input_spec.height}x{input_spec.width} image batch: {first}") from None
@@ -281,12 +303,5 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
             f"module {handle} outputs {shape[1]} values per image, which looks like classification logits: "
             "a feature_vector module is needed"
         )
-    info = ModuleInfo(
-        handle=handle,
-        path=str(path),
-        fingerprint=digest,
-        input_spec=input_spec,
-        feature_dim=int(shape[1]),
-        trainable_variables=len(getattr(obj, "trainable_variables", []) or []),
-    )
-    return LoadedModule(info, obj, traced)
+    loaded.info = replace(info, feature_dim=int(shape[1]))
+    return loaded
