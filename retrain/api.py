@@ -12,6 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -357,6 +358,11 @@ def train(
         "class_weights": None if class_weights is None else {split.classes[c]: round(w, 4) for c, w in class_weights.items()},
     }
 
+    # The test images are decoded for the export checks while the head trains: tf.data decodes
+    # on the core the head leaves idle.
+    decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-pixels")
+    test_decoding = decoder.submit(_test_pixels, split.test, spec, batch)
+    decoder.shutdown(wait=False)
     mark = time.perf_counter()
     head = train_head(head_x, head_y, val_x, val_y, n_classes, config, class_weights)
     timings["train"] = time.perf_counter() - mark
@@ -400,7 +406,7 @@ def train(
         # pixels are already at the module's size) and what training saw. Fine-tuned module: the
         # cached vectors are the frozen module's, so the serving model in memory (the one just
         # saved) is run on the test pixels.
-        test_images, test_pixels, test_labels = _test_pixels(split.test, spec, batch)
+        test_images, test_pixels, test_labels = test_decoding.result()
         test = _TestSet(test_images, test_pixels, test_labels, None)
         if test_pixels is not None:
             if module_record["weights_changed"]:
