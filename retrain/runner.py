@@ -64,6 +64,11 @@ class SavedModelRunner:
         return self._serve(images=tf.constant(images, tf.uint8))[OUTPUT_KEY].numpy()
 
 
+# Images per invoke. On 2 CPU cores with MobileNetV2 0.35, 215 images took 0.19 s as invokes of
+# 4-8 images, 0.29 s of 32 and 0.65 s as one invoke of 215 (large batches leave the caches).
+INVOKE_BATCH = 8
+
+
 class TFLiteRunner:
     kind = "tflite"
 
@@ -115,9 +120,8 @@ class TFLiteRunner:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, np.uint8)
-        if self._flexible_batch:
-            return self._run(images)
-        return np.concatenate([self._run(images[i : i + 1]) for i in range(len(images))])
+        step = INVOKE_BATCH if self._flexible_batch else 1
+        return np.concatenate([self._run(images[i : i + step]) for i in range(0, len(images), step)])
 
 
 def load_model(path: str | os.PathLike):
