@@ -38,11 +38,31 @@ def quiet_stderr():
             os.close(saved)
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """What ``MALLOC_ARENA_MAX=2`` does, set before TensorFlow starts its threads.
+
+    glibc gives threads that contend for malloc arenas of their own (up to 8 per core). tf.data's
+    decoders allocate each image in their threads and the main thread frees it, and the memory
+    scattered over many arenas grew with the number of images: peak RSS of extracting 3,000 vs
+    15,000 generated images rose by 46 MB with the default arenas and by 13 MB with two, at
+    64 images per batch; extraction was 1.5 % slower. A user's own ``MALLOC_ARENA_MAX`` wins;
+    elsewhere than glibc this does nothing."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): its allocator is left alone
+        pass
+
+
 def tf():
     """The ``tensorflow`` module, imported on first use with its start-up noise silenced."""
     global _tf
     if _tf is not None:
         return _tf
+    _limit_malloc_arenas()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with quiet_stderr():
         import tensorflow
