@@ -9,8 +9,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -44,12 +42,14 @@ from .export import (
     tflite_converter,
     tflite_format,
 )
-from .files import make_stage, replace_dir, write_atomic
+from .files import make_stage, remove_stage, staged_output, write_atomic
 from .finetune import fine_tune, trainable_module_variables
 from .head import Head, balanced_class_weights, class_counts, train_head
 from .images import iter_image_batches
 from .module import load_module
 from .runner import SavedModelRunner, TFLiteRunner, load_model, read_run_info
+from .safety import (MODEL, check_apart, check_cache_folder, check_output_folder, ensure_cache, manifest,
+                     written_by_tool)
 
 RUN_FILE = "run.json"
 MODEL_CARD_FILE = "README.md"
@@ -91,39 +91,22 @@ def _package_versions() -> dict:
     return found
 
 
-def _is_retrain_output(path: Path) -> bool:
-    try:
-        return json.loads((path / RUN_FILE).read_text()).get("tool") == "retrain"
-    except (OSError, ValueError, AttributeError):
-        return False
+def output_target(output: str | os.PathLike) -> Path:
+    """The folder an output path names, symbolic links and ``..`` resolved: the one written."""
+    return Path(output).expanduser().resolve()
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing non-empty folder unless ``overwrite``."""
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        what = "holds an earlier model" if _is_retrain_output(output) else "exists and is not empty"
-        raise OutputError(f"output folder {output} {what}: pass --overwrite to replace it")
+def check_train_paths(image_dir, output: Path, config: TrainConfig, module: str, overwrite: bool) -> None:
+    """Before any work: the output may be replaced, and no folder written overlaps one read."""
+    from .module import is_url
 
-
-class _StagedOutput:
-    """Write into a hidden sibling folder; move it into place only when complete."""
-
-    def __init__(self, output: Path):
-        self.output = output
-        self.stage: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.stage = make_stage(self.output)
-        return self.stage
-
-    def __exit__(self, kind, value, traceback):
-        if kind is not None:
-            shutil.rmtree(self.stage, ignore_errors=True)
-            return False
-        replace_dir(self.stage, self.output)
-        return False
+    check_apart(
+        {"output folder": output, "cache folder": config.resolved_cache_dir},
+        {"image folder": image_dir, "validation folder": config.validation_dir, "test folder": config.test_dir,
+         "module folder": None if is_url(module) else module},
+    )
+    check_output_folder(output_target(output), MODEL, overwrite)
+    check_cache_folder(config.resolved_cache_dir)
 
 
 def _check_unusable(split, skipped, max_fraction: float) -> None:
@@ -291,7 +274,7 @@ def train(
     for name in config.quantize:
         tflite_format(name)
     output = Path(output).expanduser()
-    check_output(output, overwrite)
+    check_train_paths(image_dir, output, config, module, overwrite)
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -305,12 +288,14 @@ def train(
     loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
                          records_dir=config.resolved_cache_dir)
     spec = loaded.info.input_spec
+    check_apart({"output folder": output, "cache folder": config.resolved_cache_dir},
+                {"module folder": loaded.info.path})  # a URL's folder in the TF Hub cache
     if config.fine_tune:
         trainable_module_variables(loaded)  # a module that cannot be fine-tuned fails before any work
     timings["module"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    cache_root = config.resolved_cache_dir
+    cache_root = ensure_cache(config.resolved_cache_dir)
     clean_stale_temporaries(cache_root)
     cache = BottleneckCache(cache_root, loaded.info.fingerprint, spec.key())
     everything = split.train + split.validation + split.test
@@ -394,7 +379,7 @@ def train(
             )
 
     mark = time.perf_counter()
-    with _StagedOutput(output) as stage:
+    with staged_output(output_target(output), MODEL) as stage:
         labels_path = stage / LABELS_FILE
         labels_path.write_text("\n".join(split.classes) + "\n", encoding="utf-8")
         serving = build_serving_model(loaded, kernel, bias, str(labels_path))
@@ -461,6 +446,7 @@ def train(
         )
         run = {
             "tool": "retrain",
+            "output_kind": "model",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "image_dir": str(Path(image_dir).expanduser().resolve()),
             "config": config.to_dict(),
@@ -477,9 +463,11 @@ def train(
             "skipped": skipped,
             "versions": _package_versions(),
         }
-        (stage / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         (stage / MODEL_CARD_FILE).write_text(model_card(run, metrics))
+        # Written last: the marker that makes the folder replaceable by a later run, listing every file.
+        run["files"] = manifest(stage, MODEL)
+        (stage / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
     return result
 
 
@@ -507,11 +495,18 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
 
     output = Path(output).expanduser()
     run = read_run_info(output)
+    if not MODEL.owns(run):
+        raise ModelError(f"{output} is not a retrain output folder: its {RUN_FILE} was not written by retrain")
+    check_apart({"output folder": output}, {"representative folder": representative_dir})
+    fmts = [tflite_format(f) for f in formats]
+    for fmt in fmts:  # files of these names are replaced: only those retrain wrote
+        final = output / fmt.filename
+        if (final.exists() or final.is_symlink()) and not written_by_tool(fmt.filename, MODEL, run):
+            raise OutputError(f"{final} was not written by retrain: move it out of {output} and export again")
     saved_model = output / SAVED_MODEL_DIR
     if not (saved_model / "saved_model.pb").exists():
         raise ModelError(f"{output} has no {SAVED_MODEL_DIR}/: not a retrain output folder")
     classes = run["classes"]
-    fmts = [tflite_format(f) for f in formats]
     config = run["config"]
     spec_data = run["module"]["input_spec"]
     spec = InputSpec(**{**spec_data, "value_range": tuple(spec_data["value_range"])})
@@ -539,9 +534,10 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
     metrics_path = output / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     previous_float32 = metrics.get("tflite", {}).get("float32", {}).get("accuracy")
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=output) as scratch:
+    scratch = make_stage(output_target(output))  # beside the folder: a killed run leaves nothing inside it
+    try:
         paths, figures, warnings = write_tflite_variants(
-            saved_model, Path(scratch), [f.name for f in fmts], classes, representative, test, threshold,
+            saved_model, scratch, [f.name for f in fmts], classes, representative, test, threshold,
             _tflite_metadata(info, classes, run["module"].get("weights_changed", False)), previous_float32,
         )
         written = {}
@@ -549,6 +545,11 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
             final = output / path.name
             os.replace(path, final)
             written[name] = str(final)
+    finally:
+        remove_stage(scratch)
+    if isinstance(run.get("files"), list):
+        run["files"] = sorted(set(run["files"]) | {Path(p).name for p in written.values()})
+        write_atomic(output / RUN_FILE, json.dumps(run, indent=2) + "\n")
     if split is None:
         warnings.append(f"training folder {run['image_dir']} is gone: the new files were not checked on the test split")
     elif not test_images:

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import progress
 from .images import iter_image_batches
+from .safety import TEMPORARY_SHARD, cache_entries, check_cache_folder, ensure_cache, remove_entry_files
 
 SHARD_SIZE = 512  # vectors per shard: bounds memory while extracting and the work lost to a kill
 
@@ -34,8 +35,10 @@ def _checksum(keys: np.ndarray, vectors: np.ndarray) -> str:
 
 class BottleneckCache:
     def __init__(self, root: str | os.PathLike, module_fingerprint: str, preprocessing_key: str):
-        self.dir = Path(root).expanduser() / f"{module_fingerprint[:16]}-{preprocessing_key}"
+        self.root = Path(root).expanduser()
+        self.dir = self.root / f"{module_fingerprint[:16]}-{preprocessing_key}"
         self.corrupt: list[str] = []
+        self._tagged = False
 
     def _shards(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -89,6 +92,9 @@ class BottleneckCache:
 
     def write(self, keys: Sequence[str], vectors: np.ndarray) -> Path:
         """Write one shard atomically: temporary file, fsync, rename."""
+        if not self._tagged:  # the cache folder is checked (and tagged) before its first write
+            ensure_cache(self.root)
+            self._tagged = True
         self.dir.mkdir(parents=True, exist_ok=True)
         keys_array = np.asarray(list(keys), dtype="U64")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -112,16 +118,22 @@ class BottleneckCache:
 
 
 def clean_stale_temporaries(root: str | os.PathLike, older_than_s: float = 3600) -> int:
-    """Remove temporary shard files left by killed runs (older than an hour, so not a live writer's)."""
-    removed = 0
+    """Remove temporary shard files left by killed runs (older than an hour, so not a live writer's).
+
+    Only files with the temporary shards' own names, in the cache's entry folders, of a folder
+    that is a retrain cache."""
+    root = check_cache_folder(root)
     now = time.time()
-    for path in Path(root).expanduser().glob("*/.tmp-*"):
-        try:
-            if now - path.stat().st_mtime > older_than_s:
-                path.unlink()
-                removed += 1
-        except OSError:
-            pass
+    removed = 0
+    for entry in cache_entries(root):
+        stale = []
+        for path in entry.iterdir():
+            try:
+                if TEMPORARY_SHARD.fullmatch(path.name) and now - path.lstat().st_mtime > older_than_s:
+                    stale.append(path)
+            except OSError:
+                pass
+        removed += remove_entry_files(entry, stale)
     return removed
 
 
@@ -281,41 +293,41 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
     return result
 
 
-def cache_summary(cache_dir: str | os.PathLike | None = None) -> dict:
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     from .config import default_cache_dir
 
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return check_cache_folder(cache_dir if cache_dir else default_cache_dir())
+
+
+def cache_summary(cache_dir: str | os.PathLike | None = None) -> dict:
+    """Entries of a retrain cache (a folder that is not one is refused, see safety.py)."""
+    root = _cache_root(cache_dir)
     entries = []
-    if root.is_dir():
-        for entry in sorted(p for p in root.iterdir() if p.is_dir()):
-            shards = sorted(p for p in entry.iterdir() if p.suffix == ".npz" and not p.name.startswith("."))
-            vectors = 0
-            for shard in shards:
-                try:
-                    with np.load(shard, allow_pickle=False) as data:
-                        vectors += int(data["keys"].shape[0])
-                except Exception:
-                    pass
-            entries.append({
-                "name": entry.name,
-                "shards": len(shards),
-                "vectors": vectors,
-                "bytes": sum(p.stat().st_size for p in shards),
-            })
+    for entry in cache_entries(root):
+        shards = sorted(p for p in entry.iterdir() if p.suffix == ".npz" and not p.name.startswith("."))
+        vectors = 0
+        for shard in shards:
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    vectors += int(data["keys"].shape[0])
+            except Exception:
+                pass
+        entries.append({
+            "name": entry.name,
+            "shards": len(shards),
+            "vectors": vectors,
+            "bytes": sum(p.stat().st_size for p in shards),
+        })
     return {"path": str(root), "bytes": sum(e["bytes"] for e in entries), "entries": entries}
 
 
 def clear_cache(cache_dir: str | os.PathLike | None = None) -> int:
-    """Delete the cache's shard folders; returns the number of files removed."""
-    import shutil
+    """Delete the cache's bottleneck files; returns the number of files removed.
 
-    from .config import default_cache_dir
-
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    Only files with the cache's own names in its entry folders go (then the folders, when
+    empty); the tag and the module fingerprint records stay, and so does anything else."""
+    root = _cache_root(cache_dir)
     if not root.is_dir():
         return 0
-    removed = 0
-    for entry in [p for p in root.iterdir() if p.is_dir()]:
-        removed += sum(1 for p in entry.iterdir() if p.is_file())
-        shutil.rmtree(entry)
-    return removed
+    ensure_cache(root)  # an untagged cache with the cache's layout gets its tag
+    return sum(remove_entry_files(entry) for entry in cache_entries(root))

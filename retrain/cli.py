@@ -146,7 +146,7 @@ def main():
 @click.option("--trust-host", "trust_hosts", multiple=True, help="Also load modules from this host (repeatable; modules are executed code).")
 @click.option("--max-unusable-fraction", type=float, default=DEFAULTS.max_unusable_fraction, show_default=True,
               help="Stop when more than this fraction of a class's image files cannot be decoded.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder (an earlier model included).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier retrain model in the output folder (never any other folder).")
 @_output_options
 def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **options):
     """Train a new head on IMAGE_DIR/<class>/<images> and export SavedModel + TFLite."""
@@ -216,23 +216,24 @@ def _fine_tune_line(fine: dict, seconds: float) -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Write a report folder: index.html, confusion matrix PNG/CSV, per-class CSV, confident mistakes.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --report folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier report in the --report folder (never any other folder).")
 @_output_options
 def evaluate(model, image_dir, batch_size, report_dir, overwrite, quiet, as_json):
     """Accuracy, per-class figures and confusion matrix of MODEL (output folder, SavedModel or .tflite) on IMAGE_DIR."""
     _setup(quiet, as_json)
     from .api import evaluate as run_evaluate
 
+    reads = {"model": model, "image folder": image_dir}
     if report_dir:
         from .report import check_report_folder
 
-        check_report_folder(report_dir, overwrite)  # before the images are read, not after
+        check_report_folder(report_dir, overwrite, reads)  # before the images are read, not after
     result = run_evaluate(model, image_dir, batch_size)
     written = None
     if report_dir:
         from .report import write_report
 
-        written = write_report(result, report_dir, overwrite=overwrite)
+        written = write_report(result, report_dir, overwrite=overwrite, reads=reads)
     if as_json:
         data = result.to_dict()
         if written:
@@ -326,7 +327,7 @@ def cache_info(cache_dir, quiet, as_json):
 @click.option("--cache-dir", type=click.Path(file_okay=False))
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def cache_clear(cache_dir, yes):
-    """Delete every cached bottleneck."""
+    """Delete every cached bottleneck (only the cache's own files; a folder that is not a retrain cache is refused)."""
     from .bottlenecks import cache_summary, clear_cache
 
     summary = cache_summary(cache_dir)

@@ -1,11 +1,17 @@
-"""Writing files and folders so that a reader never sees a half-written one."""
+"""Writing files and folders so that a reader never sees a half-written one, and deleting only
+what the tool wrote (the rules are in safety.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import OutputError
+from .safety import STAGE_MARK, OutputKind, why_not_replaceable
 
 
 def _alive(pid: int) -> bool:
@@ -21,23 +27,39 @@ def _alive(pid: int) -> bool:
 def make_stage(target: Path) -> Path:
     """Create the hidden folder ``.<name>.partial-<pid>-<id>`` beside ``target`` to write into.
 
-    Staging folders left by processes that no longer run (killed mid-write) are removed first.
+    Staging folders left by processes that no longer run (killed mid-write) are removed first:
+    only folders with that name that carry the staging mark, so nothing else is ever taken for one.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in target.parent.glob(f".{target.name}.partial-*"):
         pid = leftover.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if (pid.isdigit() and not _alive(int(pid)) and leftover.is_dir() and not leftover.is_symlink()
+                and (leftover / STAGE_MARK).is_file()):
             shutil.rmtree(leftover, ignore_errors=True)
     stage = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
+    (stage / STAGE_MARK).write_text("staging folder of a running retrain command\n")
     return stage
 
 
-def replace_dir(stage: Path, target: Path) -> None:
-    """Move the complete folder ``stage`` to ``target``, replacing what was there. If the final
-    move fails, the previous ``target`` is put back."""
+def remove_stage(stage: Path) -> None:
+    """Delete a staging folder made by ``make_stage`` (and nothing else)."""
+    if stage.is_dir() and not stage.is_symlink() and (stage / STAGE_MARK).is_file():
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def replace_dir(stage: Path, target: Path, kind: OutputKind) -> None:
+    """Move the complete folder ``stage`` to ``target``, replacing an earlier output of ``kind``
+    there (checked again now, just before it goes). If the final move fails, the previous
+    ``target`` is put back."""
+    (stage / STAGE_MARK).unlink(missing_ok=True)
     old = None
-    if target.exists() or target.is_symlink():
+    if target.is_symlink():
+        raise OutputError(f"{kind.role} {target} is a symbolic link: give the folder it points to")
+    if target.exists():
+        problem = why_not_replaceable(target, kind) if target.is_dir() else f"{kind.role} {target} is not a folder"
+        if problem:
+            raise OutputError(problem)
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
     try:
@@ -47,10 +69,21 @@ def replace_dir(stage: Path, target: Path) -> None:
             os.replace(old, target)
         raise
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_output(target: Path, kind: OutputKind) -> Iterator[Path]:
+    """Yield a staging folder beside ``target``; when the block ends without an error, move it
+    to ``target`` (replacing an earlier output of ``kind``), else delete it. Readers never see
+    a half-written folder, and a failure keeps the previous one."""
+    stage = make_stage(target)
+    try:
+        yield stage
+        replace_dir(stage, target, kind)
+    except BaseException:
+        remove_stage(stage)
+        raise
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -24,9 +24,9 @@ import numpy as np
 
 from ._tf import tf as _tf
 from .errors import ModuleError, first_line
+from .safety import MODULE_RECORDS  # in the bottleneck cache folder: first fingerprint per versioned URL
 
 TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com")
-MODULE_RECORDS = "modules.json"  # in the bottleneck cache folder: first fingerprint per versioned URL
 DEFAULT_VALUE_RANGE = (0.0, 1.0)  # TF Hub image modules take RGB floats in [0, 1]
 CLASSIFIER_OUTPUT_DIMS = (1000, 1001)  # ImageNet logits: not a feature vector
 
@@ -168,10 +168,11 @@ def check_recorded_fingerprint(handle: str, path: Path, digest: str, records_dir
     a different one later means the TF Hub cache entry was damaged or altered.
     """
     from .files import write_atomic
+    from .safety import check_cache_folder, ensure_cache
 
     if not is_versioned(handle):
         return
-    records_file = Path(records_dir).expanduser() / MODULE_RECORDS
+    records_file = check_cache_folder(records_dir) / MODULE_RECORDS
     try:
         records = json.loads(records_file.read_text(encoding="utf-8"))
         if not isinstance(records, dict):
@@ -183,7 +184,7 @@ def check_recorded_fingerprint(handle: str, path: Path, digest: str, records_dir
     known = records.get(handle, {}).get("fingerprint") if isinstance(records.get(handle), dict) else None
     if known is None:
         records[handle] = {"fingerprint": digest, "first_seen": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        records_file.parent.mkdir(parents=True, exist_ok=True)
+        ensure_cache(records_file.parent)
         write_atomic(records_file, json.dumps(records, indent=1, sort_keys=True) + "\n")
     elif known != digest:
         raise damaged_cache_entry(

@@ -22,7 +22,6 @@ import html
 import json
 import math
 import os
-import shutil
 import unicodedata
 import warnings
 from datetime import datetime, timezone
@@ -32,8 +31,9 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import ConfigError, OutputError
-from .files import make_stage, replace_dir
+from .errors import ConfigError
+from .files import staged_output
+from .safety import REPORT, check_apart, check_output_folder, manifest
 from .images import MAX_PIXELS, to_rgb  # larger files than MAX_PIXELS get no thumbnail
 
 INDEX = "index.html"
@@ -51,11 +51,14 @@ def write_report(
     max_mistakes: int = 24,
     thumbnail_size: int = 160,
     overwrite: bool = False,
+    reads: dict | None = None,
 ) -> dict:
     """Write the report folder ``directory`` for ``evaluation``; return the paths written.
 
-    An empty ``directory`` is filled; a non-empty one is refused with ``OutputError`` unless
-    ``overwrite``, and then replaced only once the new report is complete.
+    ``reads`` (role -> path: the model, the image folder) must not overlap the report folder.
+    An empty ``directory`` is filled; an earlier report is refused with ``OutputError`` unless
+    ``overwrite``, and then replaced only once the new report is complete; any other non-empty
+    folder is refused (see safety.py).
     Returns {"index", "confusion_matrix_png", "confusion_matrix_csv", "per_class_csv",
     "report_json": path, "mistakes": [thumbnail paths]} (paths inside the final folder).
     """
@@ -63,15 +66,10 @@ def write_report(
         raise ConfigError(f"max_mistakes must be 0 or more, got {max_mistakes}")
     if thumbnail_size < 16:
         raise ConfigError(f"thumbnail_size must be at least 16 pixels, got {thumbnail_size}")
-    target = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
-    check_report_folder(target, overwrite)
-    stage = make_stage(target)
-    try:
+    target = _target(directory)
+    check_report_folder(target, overwrite, reads)
+    with staged_output(target, REPORT) as stage:
         written = _write_all(evaluation, stage, max_mistakes, thumbnail_size)
-        replace_dir(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return {
         key: ([str(target / p) for p in value] if isinstance(value, list) else str(target / value))
         for key, value in written.items()
@@ -81,22 +79,17 @@ def write_report(
 # --- the folder --------------------------------------------------------------------------------
 
 
-def _is_report(path: Path) -> bool:
-    try:
-        data = json.loads((path / REPORT_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "confusion_matrix" in data and "mistakes" in data
+def _target(directory) -> Path:
+    """The report folder, symbolic links resolved (the folder they point to is the one written)."""
+    return Path(os.path.expanduser(os.fspath(directory))).resolve()
 
 
-def check_report_folder(directory, overwrite: bool = False) -> None:
-    """Raise OutputError when ``directory`` is not a place a report may be written to."""
-    target = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"report location {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        what = "holds an earlier report" if _is_report(target) else "exists and is not empty"
-        raise OutputError(f"report folder {target} {what}: pass --overwrite to replace it")
+def check_report_folder(directory, overwrite: bool = False, reads: dict | None = None) -> None:
+    """Raise OutputError when ``directory`` is not a place a report may be written to: a folder
+    that is neither new, empty nor an earlier report, or one that overlaps ``reads`` (role -> path
+    of what the evaluation reads: the model, the image folder)."""
+    check_apart({"report folder": directory}, reads or {})
+    check_output_folder(_target(directory), REPORT, overwrite)
 
 
 def _write_all(evaluation, folder: Path, max_mistakes: int, thumbnail_size: int) -> dict:
@@ -122,13 +115,14 @@ def _write_all(evaluation, folder: Path, max_mistakes: int, thumbnail_size: int)
         mistake["thumbnail"] = relative if image is not None else None
         mistake["thumbnail_error"] = problem
 
-    data = evaluation.to_dict()
-    data["n_mistakes"] = len(all_mistakes) if evaluation.records else _off_diagonal(matrix)
-    data["mistakes"] = shown
-    (folder / REPORT_JSON).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    page = render_html(evaluation, classes, matrix, shown, data["n_mistakes"], thumbnail_size)
+    n_mistakes = len(all_mistakes) if evaluation.records else _off_diagonal(matrix)
+    page = render_html(evaluation, classes, matrix, shown, n_mistakes, thumbnail_size)
     (folder / INDEX).write_text(page, encoding="utf-8")
+
+    # Written last: the marker that makes the folder replaceable by a later report, listing every file.
+    data = {"tool": "retrain", "output_kind": "report", **evaluation.to_dict(), "n_mistakes": n_mistakes, "mistakes": shown}
+    data["files"] = manifest(folder, REPORT)
+    (folder / REPORT_JSON).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return {
         "index": INDEX,
         "confusion_matrix_png": CONFUSION_PNG,

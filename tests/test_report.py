@@ -148,7 +148,9 @@ def test_csvs_match_the_evaluation(evaluation, tmp_path):
 def test_mistakes_most_confident_first_and_limited(evaluation, tmp_path):
     paths = report.write_report(evaluation, tmp_path / "all", thumbnail_size=64)
     data = json.loads(Path(paths["report_json"]).read_text(encoding="utf-8"))
-    assert {k: v for k, v in data.items() if k not in ("mistakes", "n_mistakes")} == evaluation.to_dict()
+    assert {k: v for k, v in data.items() if k not in ("mistakes", "n_mistakes", "tool", "output_kind", "files")} == evaluation.to_dict()
+    assert (data["tool"], data["output_kind"]) == ("retrain", "report")
+    assert data["files"] == sorted(p.relative_to(tmp_path / "all").as_posix() for p in (tmp_path / "all").rglob("*") if p.is_file())
     mistakes = data["mistakes"]
     assert [m["confidence"] for m in mistakes] == pytest.approx(MISTAKE_CONFIDENCES)
     assert data["n_mistakes"] == 4
@@ -221,12 +223,9 @@ def test_names_and_paths_are_escaped(evaluation, tmp_path):
 def test_rerun_needs_overwrite_then_replaces_the_folder(evaluation, tmp_path):
     out = tmp_path / "reports" / "out"
     report.write_report(evaluation, out)
-    (out / "stray.txt").write_text("left from before")
     with pytest.raises(OutputError, match="holds an earlier report: pass --overwrite"):
         report.write_report(evaluation, out, max_mistakes=1)
-    assert (out / "stray.txt").exists()
     paths = report.write_report(evaluation, out, max_mistakes=1, overwrite=True)
-    assert not (out / "stray.txt").exists()
     assert sorted(p.name for p in (out / "mistakes").iterdir()) == ["mistake_001.jpg"]
     assert len(paths["mistakes"]) == 1
     assert _siblings(out) == []
@@ -256,8 +255,9 @@ def test_refuses_a_folder_that_is_not_a_report(evaluation, tmp_path):
     mine = tmp_path / "holiday photos"
     mine.mkdir()
     (mine / "beach.jpg").write_bytes(b"precious")
-    with pytest.raises(OutputError, match="exists and is not empty: pass --overwrite"):
-        report.write_report(evaluation, mine)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="holds no earlier retrain report .*never replaces it, even with --overwrite"):
+            report.write_report(evaluation, mine, overwrite=overwrite)
     assert (mine / "beach.jpg").read_bytes() == b"precious"
     (tmp_path / "empty").mkdir()
     report.write_report(evaluation, tmp_path / "empty")  # an empty folder is fine

@@ -119,8 +119,8 @@ USER_ERRORS = {
     "unversioned_url": (["train", "{data}", "--module", "https://tfhub.dev/google/x/feature_vector", "--output", "{out}"], "--allow-unversioned"),
     "offline_download": (["train", "{data}", "--module", "https://tfhub.dev/google/x/feature_vector/5", "--output", "{out}"], "cannot download module"),
     "damaged_hub_entry": (["train", "{data}", "--module", "{input}", "--output", "{out}"], "is damaged"),
-    "existing_output": (["train", "{data}", "--module", "{module}", "--output", "{input}"], "pass --overwrite"),
-    "report_folder_not_empty": (["evaluate", "{tmp}/nomodel", "{data}", "--report", "{input}"], "pass --overwrite"),
+    "existing_output": (["train", "{data}", "--module", "{module}", "--output", "{input}"], "never replaces it, even with --overwrite"),
+    "report_folder_not_empty": (["evaluate", "{tmp}/nomodel", "{data}", "--report", "{input}"], "never replaces it, even with --overwrite"),
 }
 
 

@@ -125,12 +125,13 @@ def test_bad_options_are_config_errors(tiny_module, colour_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_foreign_output_folder_needs_overwrite(tiny_module, colour_dir, tmp_path):
+def test_foreign_output_folder_is_refused_even_with_overwrite(tiny_module, colour_dir, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputError, match="--overwrite"):
-        retrain.train(colour_dir, tiny_module, out, cache_dir=str(tmp_path / "c"), **FAST)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="never replaces it, even with --overwrite"):
+            retrain.train(colour_dir, tiny_module, out, cache_dir=str(tmp_path / "c"), overwrite=overwrite, **FAST)
     assert (out / "precious.txt").read_text() == "keep me"
 
 
