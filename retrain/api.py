@@ -100,8 +100,13 @@ def check_train_paths(image_dir, output: Path, config: TrainConfig, module: str,
     """Before any work: the output may be replaced, and no folder written overlaps one read."""
     from .module import is_url
 
+    writes = {"output folder": output, "cache folder": config.resolved_cache_dir}
+    if is_url(module):  # TF Hub downloads into its cache folder
+        from tensorflow_hub.resolver import tfhub_cache_dir
+
+        writes["TF Hub cache folder"] = tfhub_cache_dir(use_temp=True)
     check_apart(
-        {"output folder": output, "cache folder": config.resolved_cache_dir},
+        writes,
         {"image folder": image_dir, "validation folder": config.validation_dir, "test folder": config.test_dir,
          "module folder": None if is_url(module) else module},
     )

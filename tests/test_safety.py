@@ -113,6 +113,7 @@ SLIPS = {
     "output inside the test folder": (lambda w: _train(w, w["held"] / "blue" / "new", "--test-dir", str(w["held"])), "lies inside the test folder"),
     "output is a file": (lambda w: _train(w, w["documents"] / "notes.txt"), "is not a folder"),
     "earlier model with a user file": (lambda w: _train(w, w["model with notes"]), "1 file(s) retrain did not write (e.g. my notes.txt)"),
+    "TF Hub cache is the image folder": (lambda w: ["train", str(w["photos"]), "-m", "https://tfhub.dev/google/x/feature_vector/5", "-o", str(w["tmp"] / "new")], "the TF Hub cache folder"),
     "cache is the image folder": (lambda w: _train(w, w["tmp"] / "new", cache=w["photos"]), "is the image folder"),
     "cache is a folder of documents": (lambda w: _train(w, w["tmp"] / "new", cache=w["documents"]), "is not a retrain cache"),
     "cache inside the image folder": (lambda w: _train(w, w["tmp"] / "new", cache=w["photos"] / "cache"), "lies inside the image folder"),
@@ -141,6 +142,7 @@ SLIPS = {
 def test_a_slip_is_one_line_exit_1_and_every_file_survives(slip, world, monkeypatch):
     w = world
     monkeypatch.setenv("RETRAIN_CACHE_DIR", str(w["cache"]))
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(w["photos"]))
     w["model with notes"] = w["tmp"] / "model with notes"
     shutil.copytree(w["model"], w["model with notes"])
     (w["model with notes"] / "my notes.txt").write_text("what I changed")
