@@ -20,7 +20,7 @@ from retrain import progress
 from retrain.bottlenecks import BottleneckCache, extract_bottlenecks
 from retrain.config import TrainConfig
 from retrain.dataset import split_dataset
-from retrain.head import train_head
+from retrain.head import train_head_minibatch
 from retrain.module import load_module
 
 SETTINGS = {
@@ -61,7 +61,7 @@ def main() -> None:
             for seed in range(args.seeds):
                 config = replace(base, seed=seed, **overrides)
                 started = time.perf_counter()
-                head = train_head(*arrays["train"], *arrays["validation"], len(split.classes), config)
+                head = train_head_minibatch(*arrays["train"], *arrays["validation"], len(split.classes), config)
                 seconds.append(time.perf_counter() - started)
                 test_x, test_y = arrays["test"]
                 accuracies.append(float((head.probabilities(test_x).argmax(1) == test_y).mean()))

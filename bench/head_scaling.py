@@ -1,7 +1,7 @@
 """Part 4: head training time on cached vectors, for growing numbers of vectors.
 
 The vectors are synthetic (class centres plus noise, clipped at zero like ReLU features) with
-the module's dimension; the head is ``retrain.head.train_head`` with the tool's defaults,
+the module's dimension; the head is ``retrain.head.train_head_minibatch`` with the tool's defaults,
 except a fixed number of epochs and early stopping off, so that every size does the same
 number of passes and the times are comparable. Validation vectors: a tenth of the training count.
 """
@@ -31,7 +31,7 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
 
     from retrain import progress
     from retrain.config import TrainConfig
-    from retrain.head import train_head
+    from retrain.head import train_head_minibatch
 
     progress.set_enabled(False)
     sizes = sorted(ctx.sizes["head_sizes"])
@@ -44,7 +44,7 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
         train_x, train_y = _vectors(rng, count, centres)
         val_x, val_y = _vectors(rng, max(1, count // 10), centres)
         started = time.perf_counter()
-        head = train_head(train_x, train_y, val_x, val_y, CLASSES, config)
+        head = train_head_minibatch(train_x, train_y, val_x, val_y, CLASSES, config)
         seconds = time.perf_counter() - started
         measured.append({"vectors": count, "seconds": round(seconds, 3), "fit_seconds": round(head.seconds, 3),
                          "epochs": head.epochs_run, "us_per_vector_epoch": round(1e6 * head.seconds / (count * head.epochs_run), 3)})

@@ -24,13 +24,15 @@ from .bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottl
 from .card import model_card
 from .config import TrainConfig
 from .dataset import split_dataset
-from .errors import ConfigError, DatasetError, ModelError, OutputError
+from .errors import AccuracyError, ConfigError, DatasetError, ModelError, OutputError
 from .evaluate import (
     Evaluation,
     Prediction,
     classification_metrics,
     evaluate_runner,
     predict_runner,
+    small_set_note,
+    wilson_interval,
 )
 from .export import (
     LABELS_FILE,
@@ -44,7 +46,8 @@ from .export import (
 )
 from .files import make_stage, remove_stage, staged_output, write_atomic
 from .finetune import fine_tune, trainable_module_variables
-from .head import Head, balanced_class_weights, class_counts, train_head
+from .head import Head, balanced_class_weights, choose_solver, class_counts, fit_head
+from .label_errors import find_label_errors, write_label_error_page
 from .images import iter_image_batches
 from .module import load_module
 from .runner import SavedModelRunner, TFLiteRunner, load_model, read_run_info
@@ -70,7 +73,8 @@ class TrainResult:
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     artifacts: dict = field(default_factory=dict)
-    head: dict = field(default_factory=dict)
+    head: dict = field(default_factory=dict)  # solver, seconds; minibatch: epochs; logistic: cross_validation
+    label_errors: list[dict] = field(default_factory=list)  # likely mislabelled training images (flagged only)
     class_balance: dict = field(default_factory=dict)  # train images per class, imbalance ratio, class weights
     augment: dict = field(default_factory=dict)  # settings and augmented copies (empty without --augment)
     fine_tune: dict = field(default_factory=dict)  # stage 2 (empty without --fine-tune)
@@ -129,6 +133,34 @@ def _check_unusable(split, skipped, max_fraction: float) -> None:
             raise DatasetError(f"class {name} has no usable training images")
 
 
+def _fold_validation(split, config: TrainConfig) -> int:
+    """Fold the validation images into training when the head is the cross-validated logistic
+    regression (which picks its own C) and nothing needs them (fine-tuning keeps its best epoch
+    on them). Returns how many were folded in."""
+    copies = config.resolved_augment_copies or 0
+    n_vectors = (len(split.train) + len(split.validation)) * (1 + copies)
+    if (config.keep_validation or config.fine_tune or not split.validation
+            or choose_solver(config.head, n_vectors) != "logistic"):
+        return 0
+    folded = len(split.validation)
+    split.train, split.validation = split.train + split.validation, []
+    return folded
+
+
+def _check_min_accuracy(bar: float | None, test: dict | None, output: Path) -> None:
+    """--min-accuracy: below the bar nothing is written (an earlier model in OUT stays)."""
+    if bar is None:
+        return
+    if test is None:
+        raise ConfigError("--min-accuracy needs test images: use --test-percent above 0 or --test-dir")
+    if test["accuracy"] < bar:
+        low, high = test["accuracy_interval"]
+        raise AccuracyError(
+            f"test accuracy {test['accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}, {test['n_images']} images) is below "
+            f"--min-accuracy {bar:g}: nothing was written to {output}"
+        )
+
+
 def _arrays(images, vectors, dim):
     x = np.stack([vectors[i.content_hash] for i in images]) if images else np.zeros((0, dim), np.float32)
     y = np.asarray([i.label for i in images], np.int64)
@@ -175,6 +207,7 @@ def check_tflite(tflite_path: Path, reference_probabilities: np.ndarray, pixels:
         "file": tflite_path.name,
         "size_bytes": tflite_path.stat().st_size,
         "accuracy": float((predicted == labels).mean()),
+        "accuracy_interval": wilson_interval(int((predicted == labels).sum()), len(labels)),
         "agreement": float((predicted == reference_probabilities.argmax(axis=1)).mean()),
         "max_abs_diff": float(np.abs(probabilities - reference_probabilities).max()),
         "ms_per_image": round(1000.0 * latency, 3),
@@ -317,6 +350,7 @@ def train(
     _check_unusable(split, skipped, config.max_unusable_fraction)
     dim = loaded.info.feature_dim
     n_classes = len(split.classes)
+    folded = _fold_validation(split, config)
 
     train_x, train_y = _arrays(split.train, bottlenecks.vectors, dim)
     val_x, val_y = _arrays(split.validation, bottlenecks.vectors, dim)
@@ -336,8 +370,10 @@ def train(
                                    "corrupt_shards": len(augmented.corrupt_shards), "dir": str(augmented_store.dir)}
         copy_x = np.stack([augmented.vectors[key] for keys in copy_keys for key in keys])
         head_x, head_y = np.concatenate([train_x, copy_x]), np.concatenate([train_y, np.repeat(train_y, copies)])
+        # an image and its copies share a cross-validation fold
+        groups = np.concatenate([np.arange(len(train_y)), np.repeat(np.arange(len(train_y)), copies)])
     else:
-        head_x, head_y = train_x, train_y
+        head_x, head_y, groups = train_x, train_y, None
 
     counts = class_counts(train_y, n_classes)
     class_weights = balanced_class_weights(train_y, n_classes) if config.class_weight == "balanced" else None
@@ -354,13 +390,21 @@ def train(
     test_decoding = decoder.submit(_test_pixels, split.test, spec, batch)
     decoder.shutdown(wait=False)
     mark = time.perf_counter()
-    head = train_head(head_x, head_y, val_x, val_y, n_classes, config, class_weights)
+    head = fit_head(head_x, head_y, val_x, val_y, n_classes, config, class_weights, groups)
     timings["train"] = time.perf_counter() - mark
     kernel, bias = head.kernel, head.bias
+    head_record = {**head.record(), "training_vectors": int(len(head_x)), "validation_folded": folded}
 
     metrics: dict = {}
     if len(val_x):
         metrics["validation"] = classification_metrics(val_y, head.probabilities(val_x).argmax(1), split.classes)
+    cv = head.cross_validation
+    if cv and cv.get("folds"):
+        correct = int(round(cv["accuracy"] * cv["n_images"]))
+        metrics["cross_validation"] = {"accuracy": cv["accuracy"], "n_images": cv["n_images"],
+                                       "accuracy_interval": wilson_interval(correct, cv["n_images"]),
+                                       "folds": cv["folds"], "c": cv["c"]}
+    label_errors = [] if head.out_of_fold is None else find_label_errors(split.train, head.out_of_fold, split.classes)
 
     module_record = {**loaded.info.to_dict(), "weights_changed": False}
     fine_record: dict = {}
@@ -408,6 +452,10 @@ def train(
                 source = "head on the test images' cached bottlenecks (what the SavedModel computes)"
             metrics["test"] = classification_metrics(test.labels, test.reference.argmax(1), split.classes)
             metrics["test"]["source"] = source
+            note = small_set_note(metrics["test"]["n_images"])
+            if note:
+                split.warnings.append(note)
+        _check_min_accuracy(config.min_accuracy, metrics.get("test"), output)
 
         formats = ["float32"] + [f for f in config.quantize if f != "float32"]
         representative = None
@@ -418,6 +466,9 @@ def train(
             serving, stage, formats, split.classes, representative, test, config.max_accuracy_drop, tflite_metadata
         )
         split.warnings.extend(tflite_warnings)
+        if label_errors:
+            write_label_error_page(label_errors, stage, split.classes)
+            artifacts["label_errors"] = str(output / "label_errors.html")
         for name, path in paths.items():
             artifacts[f"tflite_{name}"] = str(output / path.name)
         timings["export"] = time.perf_counter() - mark
@@ -443,8 +494,8 @@ def train(
             skipped=skipped,
             warnings=list(split.warnings),
             artifacts=artifacts,
-            head={"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "seconds": round(head.seconds, 3),
-                  "training_vectors": int(len(head_x))},
+            head=head_record,
+            label_errors=label_errors,
             class_balance=class_balance,
             augment=augment_record,
             fine_tune=fine_record,
@@ -460,6 +511,7 @@ def train(
             "split": result.split,
             "split_per_class": result.split_per_class,
             "head": result.head,
+            "label_errors": label_errors,
             "class_balance": class_balance,
             "augment": augment_record,
             "fine_tune": fine_record,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from . import __version__, progress
-from .config import AUGMENT_COPIES, CLASS_WEIGHTS, TrainConfig
+from .config import AUGMENT_COPIES, CLASS_WEIGHTS, HEADS, TrainConfig
 from .errors import RetrainError
 
 QUANTIZE_CHOICES = ("int8", "float16", "dynamic", "none")
@@ -51,10 +52,12 @@ def _loud(warnings) -> None:
 def _tflite_table(figures: dict) -> None:
     if not figures:
         return
-    click.echo(f"{'tflite':<8} {'file':<22} {'size MB':>8} {'accuracy':>9} {'agreement':>10} {'ms/image':>9}")
+    click.echo(f"{'tflite':<8} {'file':<22} {'size MB':>8} {'accuracy':>9} {'95% CI':>13} {'images':>6} "
+               f"{'agreement':>10} {'ms/image':>9}")
     for name, row in figures.items():
+        low, high = row["accuracy_interval"]
         click.echo(f"{name:<8} {row['file']:<22} {row['size_bytes'] / 1e6:8.2f} {row['accuracy']:9.4f} "
-                   f"{row['agreement']:10.4f} {row['ms_per_image']:9.2f}")
+                   f"{low:6.3f}-{high:.3f} {row['n_images']:6d} {row['agreement']:10.4f} {row['ms_per_image']:9.2f}")
 
 
 def run() -> None:
@@ -99,7 +102,18 @@ def main():
 @click.argument("image_dir", type=click.Path(file_okay=False))
 @click.option("--module", "-m", required=True, help="Local SavedModel folder or versioned TF Hub / Kaggle Models URL.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder for the model files.")
-@click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True, help="Most epochs; early stopping may end sooner.")
+@click.option("--head", type=click.Choice(HEADS), default=DEFAULTS.head, show_default=True,
+              help="'logistic': logistic regression solved to convergence on all vectors, its L2 strength chosen by "
+                   "cross-validation; 'minibatch': Adam epochs with early stopping (the options --epochs to "
+                   "--label-smoothing); 'auto': logistic up to 10,000 training vectors, minibatch above.")
+@click.option("--cv-folds", type=int, default=DEFAULTS.cv_folds, show_default=True,
+              help="Cross-validation folds that choose the logistic head's L2 strength (3 above 1,000 images).")
+@click.option("--keep-validation", is_flag=True,
+              help="Keep the validation split out of the logistic head's training (by default it is folded in: "
+                   "cross-validation needs no held-out split; fine-tuning always keeps it).")
+@click.option("--min-accuracy", type=float, default=None,
+              help="Exit 1, writing nothing, when the test accuracy is below this (0-1), e.g. in a CI pipeline.")
+@click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True, help="Minibatch head: most epochs; early stopping may end sooner.")
 @click.option("--patience", type=int, default=DEFAULTS.patience, show_default=True, help="Epochs without validation-loss improvement before stopping (0: never stop early).")
 @click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Head training batch size.")
 @click.option("--extract-batch-size", type=int, default=None, show_default="128 at 224x224, fewer for larger images", help="Images per module call when computing bottlenecks.")
@@ -176,16 +190,48 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
                    f"{augmented['hits']} from cache ({result.timings['augment']:.1f} s)")
     if result.fine_tune:
         _fine_tune_line(result.fine_tune, result.timings["fine_tune"])
+    _head_line(result.head)
     if "validation" in result.metrics:
-        click.echo(f"validation accuracy: {result.metrics['validation']['accuracy']:.4f}")
+        click.echo(f"validation accuracy: {_accuracy(result.metrics['validation'])}")
+    if "cross_validation" in result.metrics:
+        cv = result.metrics["cross_validation"]
+        click.echo(f"cross-validated accuracy: {_accuracy(cv)}, {cv['folds']} folds")
     if "test" in result.metrics:
         test = result.metrics["test"]
-        click.echo(f"test accuracy: {test['accuracy']:.4f} ({test['n_images']} images)")
+        click.echo(f"test accuracy: {_accuracy(test)}")
         click.echo("test recall per class: " + ", ".join(f"{name} {row['recall']:.4f}" for name, row in test["per_class"].items()))
     _tflite_table(result.metrics.get("tflite", {}))
+    _label_errors_line(result.label_errors, result.artifacts.get("label_errors"))
     click.echo(f"model: {result.output}")
     for name, path in result.artifacts.items():
         click.echo(f"  {name}: {path}")
+
+
+def _accuracy(figures: dict) -> str:
+    from .evaluate import accuracy_text
+
+    return accuracy_text(figures["accuracy"], figures["n_images"], figures["accuracy_interval"])
+
+
+def _head_line(head: dict) -> None:
+    line = f"head: {head['solver']}"
+    cv = head.get("cross_validation")
+    if cv:
+        line += f", L2 strength C={cv['c']:g} " + (f"chosen by {cv['folds']}-fold cross-validation" if cv["folds"] else "(fixed)")
+    elif head.get("epochs_run") is not None:
+        line += f", {head['epochs_run']} epoch(s), best {head['best_epoch']}"
+    if head.get("validation_folded"):
+        line += f"; {head['validation_folded']} validation image(s) folded into training"
+    click.echo(line + f" ({head['seconds']:.1f} s)")
+
+
+def _label_errors_line(errors: list, page: str | None) -> None:
+    if not errors:
+        return
+    shown = "; ".join(f"{Path(e['path']).name} in {e['class']} looks like {e['looks_like']} ({e['confidence']:.2f})"
+                      for e in errors[:3])
+    more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
+    click.echo(f"likely label errors: {len(errors)} ({shown}{more}); see {page}")
 
 
 def _balance_line(balance: dict) -> None:
@@ -240,7 +286,12 @@ def evaluate(model, image_dir, batch_size, report_dir, overwrite, quiet, as_json
             data["report"] = written["index"]
         _emit_json(data)
         return
-    click.echo(f"{result.kind} {result.model}: accuracy {result.accuracy:.4f} on {result.n_images} images")
+    from .evaluate import accuracy_text, small_set_note
+
+    click.echo(f"{result.kind} {result.model}: accuracy {accuracy_text(result.accuracy, result.n_images, result.accuracy_interval)}")
+    note = small_set_note(result.n_images, "evaluation")
+    if note:
+        click.echo(f"note: {note}", err=True)
     width = max(len(c) for c in result.classes)
     click.echo(f"{'class':<{width}}  precision  recall     f1  support")
     for name, row in result.per_class.items():

@@ -17,6 +17,7 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("adam", "sgd")
 CLASS_WEIGHTS = ("none", "balanced")
+HEADS = ("auto", "logistic", "minibatch")
 EXTRACT_BATCH = 128  # images per module call at 224x224 (batch_for_images)
 AUGMENT_COPIES = 5  # augmented bottlenecks cached per training image when --augment is given without --augment-copies
 MAX_AUGMENT_COPIES = 100
@@ -45,7 +46,12 @@ class TrainConfig:
     cache_dir: str | None = None
     extract_batch_size: int | None = None  # None: see batch_for_images
     max_unusable_fraction: float = 0.5  # a class with more undecodable files than this is an error
-    # head
+    # head: "auto" picks the cross-validated logistic regression up to head.FULL_BATCH_MAX_VECTORS
+    # vectors and the minibatch solver above; epochs ... label_smoothing apply to the minibatch one
+    head: str = "auto"
+    cv_folds: int = 5  # folds that choose the logistic head's C (3 above head.FEW_FOLDS_ABOVE images)
+    keep_validation: bool = False  # logistic head without fine-tuning: fold validation images into training unless set
+    min_accuracy: float | None = None  # fail (exit 1) when the test accuracy is below this
     epochs: int = 100
     patience: int = 10  # early stopping on validation loss; best weights kept
     batch_size: int = 64
@@ -98,6 +104,12 @@ class TrainConfig:
             raise ConfigError(f"--l2 must be 0 or more, got {self.l2}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.head not in HEADS:
+            raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}" + _did_you_mean(self.head, HEADS))
+        if not 2 <= self.cv_folds <= 20:
+            raise ConfigError(f"--cv-folds must be between 2 and 20, got {self.cv_folds}")
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
+            raise ConfigError(f"--min-accuracy must be in [0, 1], got {self.min_accuracy}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
                               + _did_you_mean(self.optimizer, OPTIMIZERS))
@@ -177,4 +189,4 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS", "CLASS_WEIGHTS", "AUGMENT_COPIES"]
+__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS", "CLASS_WEIGHTS", "HEADS", "AUGMENT_COPIES"]

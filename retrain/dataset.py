@@ -167,7 +167,8 @@ def scan_folder(image_dir: str | os.PathLike, classes: list[str] | None = None, 
                 continue
             first = seen_in_class.get((label, content_hash))
             if first is not None:
-                scan.skipped.append({"path": str(path), "reason": f"same content as {first} (counted once)"})
+                scan.skipped.append({"path": str(path), "reason": f"same content as {first} (counted once)",
+                                     "class": name, "identical": True})
                 continue
             seen_in_class[(label, content_hash)] = str(path)
             relpath = path.relative_to(class_dir).as_posix()
@@ -187,6 +188,12 @@ def scan_folder(image_dir: str | os.PathLike, classes: list[str] | None = None, 
             f"{len(conflicts)} image(s) in {root} appear in more than one class: " + "; ".join(listed) + more
         )
     return scan
+
+
+def identical_files(distinct: int, identical: int) -> str:
+    """"20 files, 19 identical to others: 1 distinct image": why a class is smaller than its folder."""
+    return (f"{distinct + identical} files, {identical} identical to others: "
+            f"{distinct} distinct image{'s' if distinct != 1 else ''}")
 
 
 def _subject(relpath: str) -> str:
@@ -236,11 +243,16 @@ def split_dataset(
     needed = 1 + (val_pct > 0) + (test_pct > 0)
     for label, name in enumerate(classes):
         members = [i for i in main.images if i.label == label]
+        identical = sum(1 for s in main.skipped if s.get("identical") and s.get("class") == name)
+        if identical:
+            split.warnings.append(f"class {name}: {identical_files(len(members), identical)}")
         if len(members) < needed:
             what = "no images" if not members else f"{len(members)} usable image(s)"
             unusable = [s for s in main.skipped if s.get("unusable") and s.get("class") == name]
             if unusable:
                 what = f"{len(members)} usable image(s) ({len(unusable)} unusable, e.g. {unusable[0]['path']}: {unusable[0]['reason']})"
+            if identical:
+                what = f"{identical_files(len(members), identical)}" + (f" ({len(unusable)} unusable)" if unusable else "")
             raise DatasetError(
                 f"class folder {Path(main.root) / name} has {what}: at least {needed} are needed "
                 f"to have one each in {', '.join(s for s, p in zip(SPLITS, (100, val_pct, test_pct)) if p > 0)}"
@@ -257,7 +269,8 @@ def split_dataset(
             if len({i.content_hash for i in donors}) < 2:
                 raise DatasetError(
                     f"class folder {Path(main.root) / name} has too few distinct images to split "
-                    f"into {', '.join(SPLITS)}: add more images"
+                    f"into {', '.join(SPLITS)}"
+                    + (f" ({identical_files(len(members), identical)})" if identical else "") + ": add more images"
                 )
             chosen = min(donors, key=lambda i: (_bucket(group_key[i.content_hash]), i.relpath))
             moving = [i for i in donors if _subject(i.relpath) == _subject(chosen.relpath)]

@@ -29,6 +29,10 @@ class OutputError(RetrainError):
     """The output location cannot be written safely."""
 
 
+class AccuracyError(RetrainError):
+    """The trained model is below the accuracy the user asked for (--min-accuracy)."""
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type name), for one-line user errors."""
     text = str(error).strip()

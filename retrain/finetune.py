@@ -1,6 +1,6 @@
 """Stage 2 of ``--fine-tune``: the module's own weights, trained together with the head.
 
-Stage 1 (``head.train_head`` on cached bottlenecks) gives a good head in seconds; starting from
+Stage 1 (``head.train_head_minibatch`` on cached bottlenecks) gives a good head in seconds; starting from
 it, the whole network is trained on decoded images with a learning rate about 10x lower, so the
 pre-trained weights are adjusted rather than ruined. The module is called in inference mode
 (``training=False``), so its batch-norm statistics stay frozen: small batches of a new data set

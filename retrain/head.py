@@ -1,8 +1,17 @@
-"""The new classification head, trained on cached bottleneck vectors.
+"""The new classification head, trained on cached bottleneck vectors: a softmax layer.
 
-A softmax layer with dropout before it, L2 on its kernel and label smoothing in the loss.
-Validation after each epoch; training stops when validation loss has not improved for
-``patience`` epochs and the best epoch's weights are kept. Epochs cost no module calls.
+Two ways to fit it, chosen by the number of vectors (``choose_solver``):
+
+- **logistic** (up to ``FULL_BATCH_MAX_VECTORS``): multinomial logistic regression solved to
+  convergence with L-BFGS on all vectors at once (scikit-learn's ``LogisticRegression``), its L2
+  strength ``C`` chosen from ``C_GRID`` by stratified k-fold cross-validation on the training
+  vectors, then refit on all of them: the linear-probe protocol for frozen features. It needs no
+  validation split, converges whatever the data size (a fixed number of epochs is a number of
+  optimizer steps that shrinks with the data), and gives every training image an out-of-fold
+  prediction (likely label errors, cross-validated accuracy).
+- **minibatch** (larger sets): Adam on shuffled batches, dropout before the layer, L2 on its kernel
+  and label smoothing; validation after each epoch, stopping when validation loss has not improved
+  for ``patience`` epochs and keeping the best epoch's weights. Epochs cost no module calls.
 """
 
 from __future__ import annotations
@@ -22,10 +31,22 @@ from .config import TrainConfig
 class Head:
     kernel: np.ndarray  # [dim, classes]
     bias: np.ndarray  # [classes]
-    epochs_run: int
-    best_epoch: int  # 1-based
-    history: dict  # per-epoch lists: loss, accuracy, val_loss, val_accuracy
+    epochs_run: int | None  # minibatch only
+    best_epoch: int | None  # 1-based; minibatch only
+    history: dict  # minibatch: per-epoch lists (loss, accuracy, val_loss, val_accuracy); logistic: empty
     seconds: float
+    solver: str = "minibatch"
+    cross_validation: dict | None = None  # logistic: folds, C, accuracy per C, chosen C's figures
+    out_of_fold: np.ndarray | None = None  # logistic: [n_images, classes] out-of-fold probabilities
+
+    def record(self) -> dict:
+        """What run.json and the JSON output say about the head."""
+        data = {"solver": self.solver, "seconds": round(self.seconds, 3)}
+        if self.solver == "minibatch":
+            data.update(epochs_run=self.epochs_run, best_epoch=self.best_epoch)
+        if self.cross_validation is not None:
+            data["cross_validation"] = self.cross_validation
+        return data
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
         return self.probabilities_of(vectors, self.kernel, self.bias)
@@ -66,7 +87,7 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> dict[int, floa
     return {c: float(total / (n_classes * counts[c])) if counts[c] else 0.0 for c in range(n_classes)}
 
 
-def train_head(
+def train_head_minibatch(
     train_x: np.ndarray,
     train_y: np.ndarray,
     val_x: np.ndarray | None,
@@ -172,3 +193,141 @@ def train_head(
         history=history,
         seconds=seconds,
     )
+
+
+# --- the full-batch logistic regression, C by cross-validation --------------------------------
+
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # inverse L2 strength; the best moves 100x with data size
+FULL_BATCH_MAX_VECTORS = 10_000  # above: the minibatch solver (measured: bench few-shot and head parts)
+FEW_FOLDS_ABOVE = 1_000  # training images above which 3 folds replace --cv-folds (cost; C matters less there)
+FALLBACK_C = 0.1  # when a class has a single image, nothing can be cross-validated
+MAX_ITERATIONS = 1_000
+
+
+def choose_solver(requested: str, n_vectors: int) -> str:
+    """``auto``: logistic up to FULL_BATCH_MAX_VECTORS vectors, minibatch above."""
+    if requested != "auto":
+        return requested
+    return "logistic" if n_vectors <= FULL_BATCH_MAX_VECTORS else "minibatch"
+
+
+def fit_head(train_x, train_y, val_x, val_y, n_classes: int, config: TrainConfig,
+             class_weights: dict[int, float] | None = None, groups: np.ndarray | None = None) -> Head:
+    """Fit the head with the solver ``choose_solver`` picks for ``config.head`` and the data size.
+
+    ``groups`` (one id per training vector) keeps vectors of one image (its augmented copies)
+    in one fold; out-of-fold figures count each image's first vector only."""
+    solver = choose_solver(config.head, len(train_x))
+    if solver == "minibatch":
+        head = train_head_minibatch(train_x, train_y, val_x, val_y, n_classes, config, class_weights)
+        return head
+    return fit_logistic_cv(train_x, train_y, n_classes, config, class_weights, groups)
+
+
+def _logistic(c: float, seed: int, class_weights, warm: bool = False):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=MAX_ITERATIONS, class_weight=class_weights, random_state=seed,
+                              warm_start=warm)
+
+
+def _full_probabilities(model, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class (a fold's training part always has all of them)."""
+    probabilities = np.zeros((len(x), n_classes))
+    probabilities[:, model.classes_] = model.predict_proba(x)
+    return probabilities
+
+
+def _folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int):
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if groups is None:
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
+
+
+def fit_logistic_cv(train_x, train_y, n_classes: int, config: TrainConfig,
+                    class_weights: dict[int, float] | None = None, groups: np.ndarray | None = None) -> Head:
+    """Multinomial logistic regression, C chosen by stratified k-fold cross-validation, refit on all.
+
+    For each fold the C path is solved from the strongest regularization up, each fit starting
+    from the previous one. The chosen C has the best cross-validated accuracy; ties (common with
+    few images) go to the lower cross-validated log loss."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    started = time.perf_counter()
+    x = np.asarray(train_x, np.float64)
+    y = np.asarray(train_y, np.int64)
+    first = np.ones(len(y), bool) if groups is None else _first_of_group(groups)
+    counts = class_counts(y[first], n_classes)
+    k = min(config.cv_folds if first.sum() <= FEW_FOLDS_ABOVE else min(3, config.cv_folds), int(counts.min()))
+    out_of_fold = None
+    converged = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        if k >= 2:
+            grid = C_GRID
+            probabilities = np.zeros((len(C_GRID), len(y), n_classes))
+            folds = _folds(y, groups, k, config.seed)
+            with progress.bar(total=len(folds) * len(grid) + 1, desc="head", unit="fit") as bar:
+                for fit_part, held_out in folds:
+                    model = _logistic(grid[0], config.seed, class_weights, warm=True)
+                    for index, c in enumerate(grid):
+                        model.set_params(C=c)
+                        model.fit(x[fit_part], y[fit_part])
+                        probabilities[index, held_out] = _full_probabilities(model, x[held_out], n_classes)
+                        bar.update(1)
+                scored = probabilities[:, first]
+                truth = y[first]
+                accuracy = (scored.argmax(axis=2) == truth).mean(axis=1)
+                picked = np.clip(scored[:, np.arange(len(truth)), truth], 1e-12, 1.0)
+                log_loss = -np.log(picked).mean(axis=1)
+                best = max(range(len(grid)), key=lambda i: (round(float(accuracy[i]), 12), -float(log_loss[i])))
+                chosen = grid[best]
+                out_of_fold = probabilities[best, first].astype(np.float32)
+                final = _logistic(chosen, config.seed, class_weights).fit(x, y)
+                bar.update(1)
+            cross_validation = {
+                "folds": k, "c": chosen, "grid": list(grid),
+                "accuracy_per_c": [round(float(a), 6) for a in accuracy],
+                "log_loss_per_c": [round(float(v), 6) for v in log_loss],
+                "accuracy": float(accuracy[best]), "n_images": int(first.sum()),
+            }
+        else:
+            chosen = FALLBACK_C
+            final = _logistic(chosen, config.seed, class_weights).fit(x, y)
+            cross_validation = {"folds": 0, "c": chosen, "grid": [chosen],
+                                "note": "a class has a single training image: C was not cross-validated"}
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    cross_validation["converged"] = converged
+    kernel, bias = _softmax_layer(final, x.shape[1], n_classes)
+    return Head(kernel=kernel, bias=bias, epochs_run=None, best_epoch=None, history={},
+                seconds=time.perf_counter() - started, solver="logistic",
+                cross_validation=cross_validation, out_of_fold=out_of_fold)
+
+
+def _first_of_group(groups: np.ndarray) -> np.ndarray:
+    groups = np.asarray(groups)
+    _, index = np.unique(groups, return_index=True)
+    first = np.zeros(len(groups), bool)
+    first[index] = True
+    return first
+
+
+def _softmax_layer(model, dim: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted model as the serving graph's softmax layer (kernel [dim, classes], bias [classes]).
+
+    Two classes: scikit-learn fits one logit z (for class 1); softmax of (-z/2, z/2) is
+    (1 - sigmoid(z), sigmoid(z)), the same probabilities, with both columns of one scale
+    (which int8 per-channel quantization prefers to a zero column)."""
+    coef = np.asarray(model.coef_, np.float64)
+    intercept = np.asarray(model.intercept_, np.float64)
+    if n_classes == 2:
+        kernel = np.stack([-coef[0] / 2, coef[0] / 2], axis=1)
+        bias = np.array([-intercept[0] / 2, intercept[0] / 2])
+    else:
+        kernel, bias = coef.T, intercept
+    assert kernel.shape == (dim, n_classes)
+    return kernel.astype(np.float32), bias.astype(np.float32)

@@ -50,8 +50,9 @@ class OutputKind:
 
 MODEL = OutputKind(
     "model", "run.json", "output folder",
-    names=("run.json", "metrics.json", "labels.txt", "README.md", "model.tflite", "model_*.tflite", "saved_model"),
-    trees=("saved_model",),
+    names=("run.json", "metrics.json", "labels.txt", "README.md", "model.tflite", "model_*.tflite", "saved_model",
+           "label_errors.html", "label_errors"),
+    trees=("saved_model", "label_errors"),
 )
 REPORT = OutputKind(
     "report", "report.json", "report folder",

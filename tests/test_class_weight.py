@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from retrain.cli import main
 from retrain.config import TrainConfig
 from retrain.errors import ConfigError
-from retrain.head import balanced_class_weights, train_head
+from retrain.head import balanced_class_weights, train_head_minibatch
 from tiny_modules import write_colour_images
 
 
@@ -34,9 +34,9 @@ def test_class_weights_scale_each_images_loss():
     # One full batch, a learning rate too small to move: the epoch's loss is the loss of the start weights.
     config = TrainConfig(epochs=1, batch_size=60, optimizer="sgd", learning_rate=1e-12, momentum=0.0, dropout=0.0,
                          l2=0.0, label_smoothing=0.0, patience=0)
-    plain = train_head(x, y, None, None, 2, config)
+    plain = train_head_minibatch(x, y, None, None, 2, config)
     weights = balanced_class_weights(y, 2)
-    weighted = train_head(x, y, None, None, 2, config, class_weights=weights)
+    weighted = train_head_minibatch(x, y, None, None, 2, config, class_weights=weights)
     np.testing.assert_allclose(weighted.kernel, plain.kernel)  # same seed: same start
     losses = _cross_entropy(x, y, plain.kernel, plain.bias)
     assert plain.history["loss"][0] == pytest.approx(losses.mean(), rel=1e-4)
@@ -58,7 +58,7 @@ def test_balanced_weights_raise_minority_recall():
     config = TrainConfig(epochs=60, learning_rate=0.01, dropout=0.0)
 
     def minority_recall(class_weights):
-        head = train_head(train_x, train_y, None, None, 2, config, class_weights)
+        head = train_head_minibatch(train_x, train_y, None, None, 2, config, class_weights)
         predicted = head.probabilities(test_x).argmax(1)
         return float((predicted[test_y == 1] == 1).mean())
 

@@ -258,8 +258,9 @@ def test_scan_counts_identical_content_once_per_class(tmp_path):
     assert [image.relpath for image in scan.images] == ["1.png", "4.png"]
     first = str(folder / "1.png")
     assert scan.skipped == [
-        {"path": str(folder / "2.png"), "reason": f"same content as {first} (counted once)"},
-        {"path": str(folder / "sub" / "3.png"), "reason": f"same content as {first} (counted once)"},
+        {"path": str(folder / "2.png"), "reason": f"same content as {first} (counted once)", "class": "a", "identical": True},
+        {"path": str(folder / "sub" / "3.png"), "reason": f"same content as {first} (counted once)", "class": "a",
+         "identical": True},
     ]
     assert scan.warnings == []
 
@@ -654,7 +655,8 @@ def test_error_class_of_duplicates_of_one_image(tmp_path):
         put(tmp_path / "b" / f"same_{index}.png", png_bytes(777))
     with pytest.raises(DatasetError) as info:
         split_dataset(tmp_path)
-    assert str(info.value).startswith(f"class folder {tmp_path / 'b'} has 1 usable image(s): at least 3 are needed")
+    assert str(info.value) == (f"class folder {tmp_path / 'b'} has 5 files, 4 identical to others: 1 distinct image: "
+                               "at least 3 are needed to have one each in train, validation, test")
 
 
 def test_error_class_with_too_few_distinct_images(tmp_path):
@@ -663,8 +665,17 @@ def test_error_class_with_too_few_distinct_images(tmp_path):
     put(tmp_path / "b" / "x.png", png_bytes(500))
     put(tmp_path / "b" / "y.png", png_bytes(500))
     put(tmp_path / "b" / "z.png", png_bytes(501))
-    with pytest.raises(DatasetError, match="has 2 usable image"):
+    with pytest.raises(DatasetError, match="has 3 files, 1 identical to others: 2 distinct images: at least 3"):
         split_dataset(tmp_path)
+
+
+def test_identical_files_that_shrink_a_class_are_explained(tmp_path):
+    make_class(tmp_path, "a", 10, 0)
+    make_class(tmp_path, "b", 10, 100)
+    for index in range(3):
+        put(tmp_path / "b" / f"copy_{index}.png", png_bytes(100))
+    split = split_dataset(tmp_path)
+    assert "class b: 13 files, 3 identical to others: 10 distinct images" in split.warnings
 
 
 def test_split_folders_given_as_classes_are_refused_with_the_fix(tmp_path):

@@ -27,7 +27,9 @@ def bn_module(tmp_path_factory):
 @pytest.fixture(scope="module")
 def frozen(bn_module, colour_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("frozen") / "out"
-    result = retrain.train(colour_dir, bn_module, out, cache_dir=str(tmp_path_factory.mktemp("cache")), **FAST)
+    # the same head as the fine-tuned runs start from: trained without the validation images
+    result = retrain.train(colour_dir, bn_module, out, cache_dir=str(tmp_path_factory.mktemp("cache")),
+                           keep_validation=True, **FAST)
     return result, out
 
 
@@ -106,7 +108,7 @@ def test_fine_tune_in_memory_matches_the_export(bn_module, colour_dir, tmp_path)
     from retrain.dataset import split_dataset
     from retrain.export import build_serving_model, save_serving_model
     from retrain.finetune import fine_tune
-    from retrain.head import train_head
+    from retrain.head import train_head_minibatch
     from retrain.images import to_module_input
     from retrain.module import load_module
 
@@ -116,7 +118,7 @@ def test_fine_tune_in_memory_matches_the_export(bn_module, colour_dir, tmp_path)
     cache = BottleneckCache(tmp_path / "cache", module.info.fingerprint, module.info.input_spec.key())
     vectors = extract_bottlenecks(split.train + split.validation, module, cache).vectors
     x = np.stack([vectors[i.content_hash] for i in split.train])
-    head = train_head(x, np.asarray([i.label for i in split.train]), None, None, 3, config)
+    head = train_head_minibatch(x, np.asarray([i.label for i in split.train]), None, None, 3, config)
     pixels = _pixels(colour_dir)
 
     def in_memory(kernel, bias):

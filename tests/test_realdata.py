@@ -62,7 +62,7 @@ def test_readme_quick_start_on_cats_and_dogs(real_data, tmp_path):
 
     tflite = run(commands[2], out, cache)
     assert tflite.returncode == 0, tflite.stderr
-    accuracy = float(re.search(r"accuracy (\d\.\d+) on 1000 images", tflite.stdout).group(1))
+    accuracy = float(re.search(r"accuracy (\d\.\d+) \(95% CI \d\.\d+-\d\.\d+, 1000 images\)", tflite.stdout).group(1))
     assert accuracy >= 0.90 and abs(accuracy - report["accuracy"]) <= 0.005
 
     predicted = run(commands[3], out, cache)

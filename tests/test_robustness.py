@@ -52,7 +52,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_output(colour_dir, tiny_module, tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(retrain.api, "train_head", interrupted)
+    monkeypatch.setattr(retrain.api, "fit_head", interrupted)
     result = CliRunner().invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(tmp_path / "out"),
                                        "--cache-dir", str(tmp_path / "c"), "-q"])
     assert result.exit_code == 130

@@ -113,3 +113,41 @@ def write_colour_images(root, counts=None, size=(24, 20), seed=0, fmt="JPEG"):
             suffix = ".jpg" if fmt == "JPEG" else ".png"
             Image.fromarray(pixels).save(folder / f"{name}_{seed}_{index}{suffix}", fmt)
     return root
+
+
+def save_pooling_module(path, size=32):
+    """The old TF Hub tool's test module: GlobalAveragePooling2D alone (3 features: the mean colour)."""
+    import tensorflow as tf
+
+    class Pooling(tf.Module):
+        variables = []
+        trainable_variables = []
+        regularization_losses = []
+
+        @tf.function
+        def __call__(self, images, training=False):
+            return tf.reduce_mean(images, axis=[1, 2])
+
+    module = Pooling()
+    spec = tf.TensorSpec([None, size, size, 3], tf.float32, name="images")
+    module.__call__.get_concrete_function(spec, training=False)
+    module.__call__.get_concrete_function(spec, training=True)
+    tf.saved_model.save(module, str(path))
+    return str(path)
+
+
+def write_one_pixel_colour_images(root, per_class=10, size=(24, 20), seed=0):
+    """Solid red, green and blue images, each with one pixel of another colour (the old tool's test data)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for name, colour in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = np.zeros((size[1], size[0], 3), np.uint8) + np.asarray(colour, np.uint8)
+            pixels[rng.integers(size[1]), rng.integers(size[0])] = rng.integers(0, 256, 3)
+            Image.fromarray(pixels).save(root / name / f"{name}_{index}.png")
+    return root

@@ -1,0 +1,192 @@
+"""The head: a cross-validated logistic regression checked against scikit-learn, honest accuracy
+figures (count and 95 % interval), --min-accuracy, and likely label errors."""
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from retrain import head as head_module
+from retrain.cli import main
+from retrain.config import TrainConfig
+from retrain.errors import ConfigError
+from retrain.evaluate import wilson_interval
+from retrain.head import C_GRID, choose_solver, fit_head
+from tiny_modules import save_pooling_module, write_colour_images, write_one_pixel_colour_images
+
+
+def blobs(n_per_class, n_classes, dim=16, spread=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    x = centres[y] + rng.normal(scale=spread, size=(len(y), dim))
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_the_head_is_scikit_learn_logistic_regression_at_the_chosen_c(n_classes):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(15, n_classes)
+    head = fit_head(x, y, None, None, n_classes, TrainConfig())
+    assert head.solver == "logistic" and head.cross_validation["c"] in C_GRID
+    reference = LogisticRegression(C=head.cross_validation["c"], max_iter=1000).fit(x.astype(np.float64), y)
+    probe, _ = blobs(20, n_classes, seed=1)
+    np.testing.assert_allclose(head.probabilities(probe), reference.predict_proba(probe.astype(np.float64)), atol=2e-4)
+
+
+def test_cross_validated_accuracy_per_c_matches_an_independent_computation():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    x, y = blobs(12, 3, spread=3.0)
+    head = fit_head(x, y, None, None, 3, TrainConfig(seed=7))
+    cv = head.cross_validation
+    assert cv["folds"] == 5 and cv["n_images"] == len(y)
+    for c, ours in zip(C_GRID, cv["accuracy_per_c"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            predicted = cross_val_predict(LogisticRegression(C=c, max_iter=1000), x.astype(np.float64), y,
+                                          cv=StratifiedKFold(5, shuffle=True, random_state=7))
+        assert abs(ours - (predicted == y).mean()) <= 1 / len(y) + 1e-9, c  # warm starts may move one borderline image
+    best = max(cv["accuracy_per_c"])
+    assert cv["accuracy"] == pytest.approx(best, abs=1e-6)
+    tied = [i for i, a in enumerate(cv["accuracy_per_c"]) if a == pytest.approx(best, abs=1e-6)]
+    assert C_GRID.index(cv["c"]) == min(tied, key=lambda i: cv["log_loss_per_c"][i])
+    assert head.out_of_fold.shape == (len(y), 3)
+    np.testing.assert_allclose(head.out_of_fold.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_the_best_c_moves_with_the_amount_of_data():
+    """Strong regularization wins with few noisy vectors, weak with many: the head follows."""
+    few = fit_head(*blobs(4, 2, dim=64, spread=4.0, seed=3), None, None, 2, TrainConfig())
+    many = fit_head(*blobs(400, 2, dim=64, spread=1.0, seed=3), None, None, 2, TrainConfig())
+    assert few.cross_validation["c"] < many.cross_validation["c"]
+
+
+def test_deterministic_for_a_seed_and_copies_share_a_fold():
+    x, y = blobs(10, 3)
+    first = fit_head(x, y, None, None, 3, TrainConfig(seed=3))
+    again = fit_head(x, y, None, None, 3, TrainConfig(seed=3))
+    np.testing.assert_array_equal(first.kernel, again.kernel)
+    copies = np.concatenate([x, x + 0.01])
+    groups = np.concatenate([np.arange(len(y)), np.arange(len(y))])
+    grouped = fit_head(copies, np.concatenate([y, y]), None, None, 3, TrainConfig(seed=3), groups=groups)
+    assert grouped.cross_validation["n_images"] == len(y) and grouped.out_of_fold.shape == (len(y), 3)
+
+
+def test_the_solver_is_chosen_by_size(monkeypatch):
+    assert choose_solver("auto", head_module.FULL_BATCH_MAX_VECTORS) == "logistic"
+    assert choose_solver("auto", head_module.FULL_BATCH_MAX_VECTORS + 1) == "minibatch"
+    assert choose_solver("logistic", 10 ** 9) == "logistic"
+    monkeypatch.setattr(head_module, "FULL_BATCH_MAX_VECTORS", 10)
+    x, y = blobs(10, 2)
+    head = fit_head(x, y, x[:4], y[:4], 2, TrainConfig(epochs=3))
+    assert head.solver == "minibatch" and head.epochs_run == 3
+    with pytest.raises(ConfigError, match="--head must be one of auto, logistic, minibatch"):
+        TrainConfig(head="lbfgs")
+
+
+def test_wilson_interval_against_published_values():
+    # Wilson score intervals (z = 1.96) as tabulated by Newcombe (1998) and statsmodels' proportion_confint
+    assert wilson_interval(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx([0.2553, 0.3662], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def pooling_module(tmp_path_factory):
+    return save_pooling_module(tmp_path_factory.mktemp("modules") / "pooling")
+
+
+def test_three_solid_colours_with_a_pooling_module_reach_1_with_defaults(pooling_module, tmp_path):
+    """The old TF Hub tool's end-to-end case: 3-dimensional features, each image one pixel off."""
+    data = write_one_pixel_colour_images(tmp_path / "colours")
+    out = tmp_path / "out"
+    done = CliRunner().invoke(main, ["train", str(data), "-m", pooling_module, "-o", str(out),
+                                     "--cache-dir", str(tmp_path / "c"), "--json"], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert result["metrics"]["test"]["accuracy"] == 1.0
+    assert result["metrics"]["cross_validation"]["accuracy"] == 1.0
+    assert result["metrics"]["tflite"]["float32"]["accuracy"] == 1.0
+    predicted = CliRunner().invoke(main, ["predict", str(out / "model.tflite"), str(data / "green" / "green_3.png")])
+    assert predicted.stdout.startswith(f"{data / 'green' / 'green_3.png'}: green ")
+
+
+def test_every_accuracy_carries_its_count_and_interval(tiny_module, colour_dir, tmp_path):
+    out = tmp_path / "out"
+    done = CliRunner().invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(out), "--cache-dir",
+                                     str(tmp_path / "c"), "--json"], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    figures = [result["metrics"]["test"], result["metrics"]["cross_validation"], *result["metrics"]["tflite"].values()]
+    for row in figures:
+        low, high = row["accuracy_interval"]
+        assert row["n_images"] > 0 and low <= row["accuracy"] <= high
+    n_test = result["metrics"]["test"]["n_images"]
+    assert any(f"only {n_test} test images: too few to tell models apart" in w for w in result["warnings"]), result["warnings"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["head"]["cross_validation"]["c"] == result["metrics"]["cross_validation"]["c"]
+    assert json.loads((out / "metrics.json").read_text())["test"]["accuracy_interval"] == figures[0]["accuracy_interval"]
+    evaluated = CliRunner().invoke(main, ["evaluate", str(out), str(colour_dir), "--json"], catch_exceptions=False)
+    data = json.loads(evaluated.stdout)
+    assert data["n_images"] == 30 and data["accuracy_interval"] == wilson_interval(round(30 * data["accuracy"]), 30)
+    text = CliRunner().invoke(main, ["evaluate", str(out), str(colour_dir)], catch_exceptions=False)
+    assert "accuracy 1.0000 (95% CI 0.886-1.000, 30 images)" in text.stdout
+
+
+def test_min_accuracy_exits_1_and_keeps_the_earlier_model(tiny_module, tmp_path):
+    # noise images: the classes cannot be told apart, so the test accuracy is low
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    data = tmp_path / "noise"
+    for name in ("a", "b", "c"):
+        (data / name).mkdir(parents=True)
+        for index in range(12):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(data / name / f"{index}.png")
+    out = tmp_path / "out"
+    args = ["train", str(data), "-m", tiny_module, "-o", str(out), "--cache-dir", str(tmp_path / "c"),
+            "--quantize", "none", "--test-percent", "30"]
+    first = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = CliRunner().invoke(main, [*args, "--overwrite", "--min-accuracy", "0.99", "--quiet"])
+    assert refused.exit_code == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: test accuracy ") and \
+        f"is below --min-accuracy 0.99: nothing was written to {out}" in lines[0], refused.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    passed = CliRunner().invoke(main, [*args, "--overwrite", "--min-accuracy", "0"], catch_exceptions=False)
+    assert passed.exit_code == 0
+    bad = CliRunner().invoke(main, [*args, "--overwrite", "--min-accuracy", "95"])
+    assert bad.exit_code == 1 and "--min-accuracy must be in [0, 1], got 95" in bad.stderr
+
+
+def test_photos_in_the_wrong_folder_are_listed_as_likely_label_errors(tiny_module, tmp_path):
+    data = write_colour_images(tmp_path / "colours", counts={"blue": 12, "green": 12, "red": 12}, seed=5)
+    moved = sorted((data / "red").iterdir())[:2]
+    for path in moved:
+        shutil.move(path, data / "blue" / path.name)
+    out = tmp_path / "out"
+    done = CliRunner().invoke(main, ["train", str(data), "-m", tiny_module, "-o", str(out), "--cache-dir",
+                                     str(tmp_path / "c"), "--quantize", "none", "--test-percent", "0"],
+                              catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    run = json.loads((out / "run.json").read_text())
+    flagged = {e["path"]: e for e in run["label_errors"]}
+    for path in moved:
+        entry = flagged[str(data / "blue" / path.name)]
+        assert entry["class"] == "blue" and entry["looks_like"] == "red" and entry["confidence"] >= entry["threshold"]
+    assert len(flagged) <= 4  # the moved photos, not the folder
+    assert f"likely label errors: {len(flagged)} (" in done.stdout
+    page = (out / "label_errors.html").read_text()
+    assert all(path.name in page for path in moved)
+    assert len(list((out / "label_errors").glob("*.jpg"))) == len(flagged)
+    assert all(p.exists() for p in (data / "blue" / m.name for m in moved))  # flagged only, never moved
