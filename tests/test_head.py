@@ -26,16 +26,20 @@ def blobs(n_per_class, n_classes, dim=16, spread=2.0, seed=0):
     return x.astype(np.float32), y
 
 
-@pytest.mark.parametrize("n_classes", [2, 4])
-def test_the_head_is_scikit_learn_logistic_regression_at_the_chosen_c(n_classes):
+@pytest.mark.parametrize("n_classes, per_class, dim", [(2, 15, 16), (4, 15, 16), (2, 8, 64), (3, 6, 64)])
+def test_the_head_is_scikit_learn_logistic_regression_at_the_chosen_c(n_classes, per_class, dim, monkeypatch):
+    """Also with fewer vectors than dimensions, where the head solves in their span: solved
+    tightly, both give the same probabilities (the construction is exact, not only close)."""
     from sklearn.linear_model import LogisticRegression
 
-    x, y = blobs(15, n_classes)
+    monkeypatch.setattr(head_module, "TOLERANCE", 1e-10)
+    monkeypatch.setattr(head_module, "MAX_ITERATIONS", 100_000)
+    x, y = blobs(per_class, n_classes, dim=dim)
     head = fit_head(x, y, None, None, n_classes, TrainConfig())
     assert head.solver == "logistic" and head.cross_validation["c"] in C_GRID
-    reference = LogisticRegression(C=head.cross_validation["c"], max_iter=1000).fit(x.astype(np.float64), y)
-    probe, _ = blobs(20, n_classes, seed=1)
-    np.testing.assert_allclose(head.probabilities(probe), reference.predict_proba(probe.astype(np.float64)), atol=2e-4)
+    reference = LogisticRegression(C=head.cross_validation["c"], max_iter=100_000, tol=1e-10).fit(x.astype(np.float64), y)
+    probe, _ = blobs(20, n_classes, dim=dim, seed=1)
+    np.testing.assert_allclose(head.probabilities(probe), reference.predict_proba(probe.astype(np.float64)), atol=1e-5)
 
 
 def test_cross_validated_accuracy_per_c_matches_an_independent_computation():
