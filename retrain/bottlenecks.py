@@ -207,7 +207,6 @@ class Bottlenecks:
     misses: int
     skipped: list[dict] = field(default_factory=list)  # {path, reason}
     corrupt_shards: list[str] = field(default_factory=list)
-    computed_seconds: float = 0.0
 
 
 def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64, augment=None) -> Bottlenecks:
@@ -240,7 +239,6 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
     spec = module.info.input_spec
     forward = module.pixel_features
     todo_keys = [image.content_hash for image in todo]
-    started = time.perf_counter()
     pending_keys: list[str] = []
     pending_vectors: list[np.ndarray] = []
 
@@ -289,7 +287,6 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
                 writing.result()
     finally:
         writer.shutdown(wait=True)
-    result.computed_seconds = time.perf_counter() - started
     return result
 
 

@@ -9,11 +9,26 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _with_interval(figures: dict) -> str:
+    interval = figures.get("accuracy_interval")
+    if not interval:
+        return f"{_pct(figures['accuracy'])} ({figures.get('n_images', '?')} images)"
+    return (f"{_pct(figures['accuracy'])} (95% interval {_pct(interval[0])}-{_pct(interval[1])}, "
+            f"{figures['n_images']} images)")
+
+
 def _training_lines(run: dict) -> list[str]:
     config, lines = run["config"], []
     head = run.get("head", {})
-    lines.append(f"- head: {head.get('epochs_run', '?')} epoch(s), best epoch {head.get('best_epoch', '?')}, "
-                 f"{config['optimizer']} learning rate {config['learning_rate']:g}")
+    cv = head.get("cross_validation")
+    if head.get("solver") == "logistic" and cv:
+        chosen = (f"L2 strength C={cv['c']:g} chosen by {cv['folds']}-fold cross-validation" if cv.get("folds")
+                  else f"L2 strength C={cv['c']:g} (too few images to cross-validate)")
+        folded = f"; {head['validation_folded']} validation images folded into training" if head.get("validation_folded") else ""
+        lines.append(f"- head: logistic regression (L-BFGS, to convergence), {chosen}{folded}")
+    else:
+        lines.append(f"- head: minibatch, {head.get('epochs_run', '?')} epoch(s), best epoch {head.get('best_epoch', '?')}, "
+                     f"{config['optimizer']} learning rate {config['learning_rate']:g}")
     balance = run.get("class_balance")
     if balance:
         counts = balance["class_counts"]
@@ -76,12 +91,15 @@ def model_card(run: dict, metrics: dict) -> str:
         lines.append(f"| {index} | {name} | {counts.get('train', 0)} | {counts.get('validation', 0)} | {counts.get('test', 0)} |")
     lines += ["", f"Split (stable, by file-name hash): {run['split']['train']} train, {run['split']['validation']} validation, "
               f"{run['split']['test']} test images.", "", "## Metrics", ""]
+    if "cross_validation" in metrics:
+        cv = metrics["cross_validation"]
+        lines.append(f"- cross-validated accuracy ({cv['folds']} folds on the training images): {_with_interval(cv)}")
     if "validation" in metrics:
         source = "fine-tuned network" if fine_tuned else "head on cached features"
-        lines.append(f"- validation accuracy ({source}): {_pct(metrics['validation']['accuracy'])}")
+        lines.append(f"- validation accuracy ({source}): {_with_interval(metrics['validation'])}")
     if "test" in metrics:
         test_source = "fine-tuned network" if fine_tuned else "head on cached features, as the SavedModel computes it"
-        lines.append(f"- test accuracy ({test_source}, {metrics['test']['n_images']} images): {_pct(metrics['test']['accuracy'])}")
+        lines.append(f"- test accuracy ({test_source}): {_with_interval(metrics['test'])}")
     if metrics.get("tflite"):
         lines += ["", "| file | format | size | test accuracy | agrees with the trained model | latency (1 thread) |",
                   "| --- | --- | --- | --- | --- | --- |"]

@@ -10,9 +10,11 @@ import click
 from . import __version__, progress
 from .config import AUGMENT_COPIES, CLASS_WEIGHTS, HEADS, TrainConfig
 from .errors import RetrainError
+from .export import TFLITE_FORMATS
 
-QUANTIZE_CHOICES = ("int8", "float16", "dynamic", "none")
-EXPORT_FORMATS = {"tflite": "float32", "tflite-int8": "int8", "tflite-float16": "float16", "tflite-dynamic": "dynamic"}
+# Both choice lists come from the one format table (export.TFLITE_FORMATS).
+QUANTIZE_CHOICES = tuple(name for name in TFLITE_FORMATS if name != "float32") + ("none",)
+EXPORT_FORMATS = {fmt.export_name: name for name, fmt in TFLITE_FORMATS.items()}
 DEFAULTS = TrainConfig()
 
 
@@ -107,7 +109,7 @@ def main():
                    "cross-validation; 'minibatch': Adam epochs with early stopping (the options --epochs to "
                    "--label-smoothing); 'auto': logistic up to 10,000 training vectors, minibatch above.")
 @click.option("--cv-folds", type=int, default=DEFAULTS.cv_folds, show_default=True,
-              help="Cross-validation folds that choose the logistic head's L2 strength (3 above 1,000 images).")
+              help="Cross-validation folds that choose the logistic head's L2 strength (3 above 5,000 images).")
 @click.option("--keep-validation", is_flag=True,
               help="Keep the validation split out of the logistic head's training (by default it is folded in: "
                    "cross-validation needs no held-out split; fine-tuning always keeps it).")
@@ -237,8 +239,11 @@ def _label_errors_line(errors: list, page: str | None) -> None:
 def _balance_line(balance: dict) -> None:
     counts = balance["class_counts"]
     largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
-    line = (f"class balance: {counts[smallest]}-{counts[largest]} training images per class, imbalance "
-            f"{balance['imbalance_ratio']:.2f} ({largest} / {smallest}); class weights: {balance['class_weight']}")
+    if counts[smallest] == counts[largest]:
+        line = f"class balance: {counts[largest]} training images in every class; class weights: {balance['class_weight']}"
+    else:
+        line = (f"class balance: {counts[smallest]}-{counts[largest]} training images per class, imbalance "
+                f"{balance['imbalance_ratio']:.2f} ({largest} / {smallest}); class weights: {balance['class_weight']}")
     if balance["class_weight"] == "none" and balance["imbalance_ratio"] >= 2:
         line += " (try --class-weight balanced)"
     click.echo(line)

@@ -13,7 +13,6 @@ softmax. Its SavedModel has two signatures:
 from __future__ import annotations
 
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -134,6 +133,11 @@ class TFLiteFormat:
     needs_representative: bool = False
     agreement_tolerance: float = 0.995  # minimum top-1 agreement with the SavedModel expected
 
+    @property
+    def export_name(self) -> str:
+        """The name ``retrain export --format`` takes: ``tflite``, ``tflite-int8``..."""
+        return "tflite" if self.name == "float32" else f"tflite-{self.name}"
+
 
 TFLITE_FORMATS = {
     f.name: f
@@ -187,8 +191,8 @@ def export_tflite(
     destination: str | Path,
     format_name: str,
     labels: list[str],
-    representative: Iterable[np.ndarray] | None = None,
-    metadata: dict | None = None,
+    representative: Iterable[np.ndarray] | None,
+    metadata: dict,
     converter=None,
 ) -> Path:
     """Convert the ``serving_fixed`` function of ``source`` (see ``tflite_converter``) to one TFLite
@@ -212,23 +216,13 @@ def export_tflite(
         # takes from calibration instead: the input's quantization is the same as from a SavedModel.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         flatbuffer = converter.convert()
+    from .metadata import add_metadata
+
+    flatbuffer = add_metadata(flatbuffer, labels, signature=(SIGNATURE_FIXED, "images", OUTPUT_KEY),
+                              **metadata)  # packs labels.txt too
     destination = Path(destination)
-    if metadata is not None:
-        from .metadata import add_metadata
-
-        flatbuffer = add_metadata(flatbuffer, labels, signature=(SIGNATURE_FIXED, "images", OUTPUT_KEY),
-                                  **metadata)  # packs labels.txt too
     destination.write_bytes(flatbuffer)
-    if metadata is None:
-        attach_labels(destination, labels)
     return destination
-
-
-def attach_labels(tflite_path: str | Path, labels: list[str]) -> None:
-    """Pack labels.txt into the .tflite as an associated file (a zip entry, as metadata tools do);
-    interpreters ignore it and ``read_tflite_labels`` reads it back."""
-    with zipfile.ZipFile(tflite_path, "a") as archive:
-        archive.writestr(LABELS_FILE, "\n".join(labels) + "\n")
 
 
 def read_tflite_labels(tflite_path: str | Path) -> list[str] | None:

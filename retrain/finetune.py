@@ -27,6 +27,7 @@ from . import progress
 from ._tf import tf as _tf
 from .config import TrainConfig
 from .errors import ConfigError, ModuleError
+from .evaluate import wilson_interval
 from .head import head_losses
 from .images import iter_image_batches, to_module_input
 
@@ -169,8 +170,9 @@ def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_im
             probabilities.append(p.numpy())
             losses.append(l.numpy())
         labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
-        figures = {"loss": float(np.concatenate(losses).mean()),
-                   "accuracy": float((probabilities.argmax(1) == labels).mean())}
+        correct = int((probabilities.argmax(1) == labels).sum())
+        figures = {"loss": float(np.concatenate(losses).mean()), "accuracy": correct / len(labels),
+                   "n_images": int(len(labels)), "accuracy_interval": wilson_interval(correct, len(labels))}
         return figures, labels, probabilities
 
     started = time.perf_counter()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 from tqdm import tqdm
@@ -14,10 +13,6 @@ def set_enabled(enabled: bool) -> None:
     """Turn every progress bar of this process on or off (the CLI calls this once)."""
     global _enabled
     _enabled = enabled
-
-
-def enabled() -> bool:
-    return _enabled
 
 
 def bar(total: int | None = None, desc: str = "", unit: str = "it") -> tqdm:
@@ -32,14 +27,3 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it") -> tqdm:
         dynamic_ncols=True,
     )
 
-
-@contextlib.contextmanager
-def silenced():
-    """Turn progress off for the duration of a block."""
-    global _enabled
-    previous = _enabled
-    _enabled = False
-    try:
-        yield
-    finally:
-        _enabled = previous

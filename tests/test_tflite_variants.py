@@ -18,6 +18,8 @@ from retrain.export import TFLITE_FORMATS, read_tflite_labels
 from retrain.runner import TFLiteRunner
 
 FAST = dict(epochs=40, learning_rate=0.05, patience=10)
+# Largest probability difference from the SavedModel each format may show (quantization noise).
+MAX_ABS_DIFF = {"float32": 1e-4, "float16": 5e-3, "dynamic": 0.05, "int8": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,18 @@ def test_each_format_runs_and_sums_to_one(all_formats, name):
     assert figures["file"] == path.name and figures["size_bytes"] == path.stat().st_size
     assert figures["n_images"] == result.split["test"]
     assert figures["ms_per_image"] > 0
-    assert 0 <= figures["agreement"] <= 1
+    # each format against its own tolerances: on the test split as written, and on every image here
+    assert figures["agreement"] >= TFLITE_FORMATS[name].agreement_tolerance
+    assert figures["max_abs_diff"] <= MAX_ABS_DIFF[name]
+    assert result.metrics["tflite"]["float32"]["accuracy"] - figures["accuracy"] <= 0.02
+    from retrain.runner import SavedModelRunner
+    from tiny_modules import colour_pixels
+
+    pixels = colour_pixels(result.classes)
+    reference = SavedModelRunner(out / "saved_model").predict(pixels)
+    mine = runner.predict(pixels)
+    assert (mine.argmax(1) == reference.argmax(1)).mean() >= TFLITE_FORMATS[name].agreement_tolerance
+    assert np.abs(mine - reference).max() <= MAX_ABS_DIFF[name]
 
 
 def test_int8_file_is_full_integer(all_formats):
@@ -148,9 +161,12 @@ def test_one_reused_converter_writes_the_same_files_as_fresh_ones(all_formats, t
     labels = ["blue", "green", "red"]
     order = ["int8", "float16", "dynamic", "float32"]  # int8 first: its settings must not leak
     shared = tflite_converter(saved_model)
+    metadata = {"name": "test", "description": "d", "version": "0", "height": 32, "width": 32,
+                "input_description": "i", "output_description": "o"}
     for name in order:
-        reused = export_tflite(saved_model, tmp_path / f"reused_{name}.tflite", name, labels, representative, converter=shared)
-        fresh = export_tflite(saved_model, tmp_path / f"fresh_{name}.tflite", name, labels, representative)
+        reused = export_tflite(saved_model, tmp_path / f"reused_{name}.tflite", name, labels, representative,
+                               metadata, converter=shared)
+        fresh = export_tflite(saved_model, tmp_path / f"fresh_{name}.tflite", name, labels, representative, metadata)
         _same_tensors(reused, fresh)
 
 

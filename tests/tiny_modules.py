@@ -84,7 +84,13 @@ def save_tiny_module(path, size=32, dim=8, variable_size=False, output="vector",
                 return tf.matmul(features, self.logits)
             return features
 
-    module = Tiny()
+    return _save_traced(Tiny(), path, height, width)
+
+
+def _save_traced(module, path, height, width):
+    """Trace ``__call__`` for both ``training`` values (the reusable SavedModel convention) and save."""
+    import tensorflow as tf
+
     spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="images")
     module.__call__.get_concrete_function(spec, training=False)
     module.__call__.get_concrete_function(spec, training=True)
@@ -128,12 +134,7 @@ def save_pooling_module(path, size=32):
         def __call__(self, images, training=False):
             return tf.reduce_mean(images, axis=[1, 2])
 
-    module = Pooling()
-    spec = tf.TensorSpec([None, size, size, 3], tf.float32, name="images")
-    module.__call__.get_concrete_function(spec, training=False)
-    module.__call__.get_concrete_function(spec, training=True)
-    tf.saved_model.save(module, str(path))
-    return str(path)
+    return _save_traced(Pooling(), path, size, size)
 
 
 def write_one_pixel_colour_images(root, per_class=10, size=(24, 20), seed=0):
@@ -151,3 +152,11 @@ def write_one_pixel_colour_images(root, per_class=10, size=(24, 20), seed=0):
             pixels[rng.integers(size[1]), rng.integers(size[0])] = rng.integers(0, 256, 3)
             Image.fromarray(pixels).save(root / name / f"{name}_{index}.png")
     return root
+
+
+def colour_pixels(classes, per_class=8, size=32, seed=11):
+    """uint8 [n, size, size, 3] solid colours with noise, ``per_class`` of each of ``classes`` (COLOURS names)."""
+    rng = np.random.default_rng(seed)
+    images = [np.clip(np.asarray(COLOURS[name], np.float32) + rng.normal(scale=12, size=(size, size, 3)), 0, 255)
+              for name in classes for _ in range(per_class)]
+    return np.stack(images).astype(np.uint8)
