@@ -32,11 +32,11 @@ def _timed(function) -> tuple[int, float, float]:
 def run(ctx: Context) -> tuple[dict, list[Row]]:
     from retrain import progress
     from retrain._tf import tf as _tf
-    from retrain.bottlenecks import BottleneckCache, extract_bottlenecks
+    from retrain.features.bottlenecks import BottleneckCache, extract_bottlenecks
     from retrain.config import TrainConfig
-    from retrain.dataset import scan_folder
-    from retrain.images import iter_image_batches
-    from retrain.module import load_module
+    from retrain.data.dataset import scan_folder
+    from retrain.data.images import iter_image_batches
+    from retrain.features.module import load_module
 
     tf = _tf()
     progress.set_enabled(False)

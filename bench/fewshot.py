@@ -2,7 +2,7 @@
 
 On the same cached vectors of the real module, three heads side by side:
 
-- **new**: ``retrain.head.fit_head`` with the tool's defaults, on every training image (the
+- **new**: ``retrain.training.head.fit_head`` with the tool's defaults, on every training image (the
   default run folds its validation split into training, since cross-validation picks C);
 - **old**: the minibatch head with the previous defaults (``--head minibatch``: Adam, 100 epochs,
   early stopping on a tenth of the images held out for validation, at least one per class);
@@ -39,7 +39,7 @@ def _held_out(relpath: str) -> bool:
 def _vectors(images, module, cache):
     import numpy as np
 
-    from retrain.bottlenecks import extract_bottlenecks
+    from retrain.features.bottlenecks import extract_bottlenecks
 
     found = extract_bottlenecks(images, module, cache).vectors
     return (np.stack([found[i.content_hash] for i in images]).astype(np.float32),
@@ -49,7 +49,7 @@ def _vectors(images, module, cache):
 def _augmented(images, module, store):
     import numpy as np
 
-    from retrain.augment import DEFAULT_AUGMENTATION, extract_augmented_bottlenecks
+    from retrain.data.augment import DEFAULT_AUGMENTATION, extract_augmented_bottlenecks
     from retrain.config import AUGMENT_COPIES
 
     found, keys = extract_augmented_bottlenecks(images, module, store, AUGMENT_COPIES, DEFAULT_AUGMENTATION)
@@ -65,7 +65,7 @@ def _first_per_class(images, n: int):
 
 def _datasets(ctx: Context):
     """{name: (training images, held-out images)}: ImageFile lists from the tool's own scan."""
-    from retrain.dataset import scan_folder
+    from retrain.data.dataset import scan_folder
 
     cats = ctx.data / "cats_and_dogs_filtered"
     flowers = ctx.data / "flowers_128"
@@ -85,7 +85,7 @@ def _old_head(images, x, y, n_classes):
     import numpy as np
 
     from retrain.config import TrainConfig
-    from retrain.head import train_head_minibatch
+    from retrain.training.head import train_head_minibatch
 
     validation = np.zeros(len(y), bool)
     for label in range(n_classes):
@@ -119,11 +119,11 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
     import numpy as np
 
     from retrain import progress
-    from retrain.augment import DEFAULT_AUGMENTATION, augmented_cache
-    from retrain.bottlenecks import BottleneckCache
+    from retrain.data.augment import DEFAULT_AUGMENTATION, augmented_cache
+    from retrain.features.bottlenecks import BottleneckCache
     from retrain.config import TrainConfig
-    from retrain.head import Head, fit_head
-    from retrain.module import load_module
+    from retrain.training.head import Head, fit_head
+    from retrain.features.module import load_module
 
     progress.set_enabled(False)
     module = load_module(str(ctx.module))

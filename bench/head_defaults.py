@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from retrain import progress
-from retrain.bottlenecks import BottleneckCache, extract_bottlenecks
+from retrain.features.bottlenecks import BottleneckCache, extract_bottlenecks
 from retrain.config import TrainConfig
-from retrain.dataset import split_dataset
-from retrain.head import train_head_minibatch
-from retrain.module import load_module
+from retrain.data.dataset import split_dataset
+from retrain.training.head import train_head_minibatch
+from retrain.features.module import load_module
 
 SETTINGS = {
     "adam lr=0.001 b64": dict(optimizer="adam", learning_rate=0.001, batch_size=64),

@@ -1,7 +1,7 @@
 """Part 4: head training time on cached vectors, for growing numbers of vectors.
 
 The vectors are synthetic (class centres plus noise, clipped at zero like ReLU features) with
-the module's dimension; the head is ``retrain.head.train_head_minibatch`` with the tool's defaults,
+the module's dimension; the head is ``retrain.training.head.train_head_minibatch`` with the tool's defaults,
 except a fixed number of epochs and early stopping off, so that every size does the same
 number of passes and the times are comparable. Validation vectors: a tenth of the training count.
 """
@@ -31,7 +31,7 @@ def run(ctx: Context) -> tuple[dict, list[Row]]:
 
     from retrain import progress
     from retrain.config import TrainConfig
-    from retrain.head import train_head_minibatch
+    from retrain.training.head import train_head_minibatch
 
     progress.set_enabled(False)
     sizes = sorted(ctx.sizes["head_sizes"])

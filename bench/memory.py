@@ -52,10 +52,10 @@ def generate(folder: Path, count: int, seed: int = 0) -> float:
 
 def worker(folder: str, module: str, cache: str) -> dict:
     from retrain import progress
-    from retrain.bottlenecks import BottleneckCache, extract_bottlenecks
+    from retrain.features.bottlenecks import BottleneckCache, extract_bottlenecks
     from retrain.config import TrainConfig
-    from retrain.dataset import split_dataset
-    from retrain.module import load_module
+    from retrain.data.dataset import split_dataset
+    from retrain.features.module import load_module
 
     from .common import peak_rss_mb, proc_status_kb, reset_peak_rss
 

@@ -35,7 +35,7 @@ def _images(ctx: Context) -> Path:
     if not limit:
         return ctx.images
     if "limited_images" not in ctx.shared:
-        from retrain.dataset import list_classes
+        from retrain.data.dataset import list_classes
 
         folder = ctx.work / f"images-{limit}-per-class"
         for name in list_classes(ctx.images):
@@ -98,7 +98,7 @@ def cold_warm(ctx: Context) -> tuple[dict, list[Row]]:
 def _link_split(ctx: Context, folder: Path):
     """retrain's own split of the images, as train/validation/test folders of links."""
     from retrain.config import TrainConfig
-    from retrain.dataset import split_dataset
+    from retrain.data.dataset import split_dataset
 
     defaults = TrainConfig()
     split = split_dataset(_images(ctx), defaults.validation_percent, defaults.test_percent)
@@ -200,8 +200,8 @@ def _latency_ms(path: Path, pixels, threads: int, invokes: int) -> dict:
 
 
 def tflite_latency(ctx: Context) -> tuple[dict, list[Row]]:
-    from retrain.dataset import split_dataset
-    from retrain.images import load_image
+    from retrain.data.dataset import split_dataset
+    from retrain.data.images import load_image
 
     cache = ctx.shared.get("cold", {}).get("cache", ctx.work / "cache")
     output = ctx.work / "out-tflite"

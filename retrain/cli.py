@@ -10,7 +10,7 @@ import click
 from . import __version__, progress
 from .config import AUGMENT_COPIES, CLASS_WEIGHTS, HEADS, TrainConfig
 from .errors import RetrainError
-from .export import TFLITE_FORMATS
+from .serving.tflite import TFLITE_FORMATS
 
 # Both choice lists come from the one format table (export.TFLITE_FORMATS).
 QUANTIZE_CHOICES = tuple(name for name in TFLITE_FORMATS if name != "float32") + ("none",)
@@ -210,7 +210,7 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
 
 
 def _accuracy(figures: dict) -> str:
-    from .evaluate import accuracy_text
+    from .evaluation.evaluate import accuracy_text
 
     return accuracy_text(figures["accuracy"], figures["n_images"], figures["accuracy_interval"])
 
@@ -276,13 +276,13 @@ def evaluate(model, image_dir, batch_size, report_dir, overwrite, quiet, as_json
 
     reads = {"model": model, "image folder": image_dir}
     if report_dir:
-        from .report import check_report_folder
+        from .evaluation.report import check_report_folder
 
         check_report_folder(report_dir, overwrite, reads)  # before the images are read, not after
     result = run_evaluate(model, image_dir, batch_size)
     written = None
     if report_dir:
-        from .report import write_report
+        from .evaluation.report import write_report
 
         written = write_report(result, report_dir, overwrite=overwrite, reads=reads)
     if as_json:
@@ -291,7 +291,7 @@ def evaluate(model, image_dir, batch_size, report_dir, overwrite, quiet, as_json
             data["report"] = written["index"]
         _emit_json(data)
         return
-    from .evaluate import accuracy_text, small_set_note
+    from .evaluation.evaluate import accuracy_text, small_set_note
 
     click.echo(f"{result.kind} {result.model}: accuracy {accuracy_text(result.accuracy, result.n_images, result.accuracy_interval)}")
     note = small_set_note(result.n_images, "evaluation")
@@ -368,7 +368,7 @@ def cache():
 @_output_options
 def cache_info(cache_dir, quiet, as_json):
     """Size of the cache, per module and preprocessing."""
-    from .bottlenecks import cache_summary
+    from .features.bottlenecks import cache_summary
 
     summary = cache_summary(cache_dir)
     if as_json:
@@ -384,7 +384,7 @@ def cache_info(cache_dir, quiet, as_json):
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def cache_clear(cache_dir, yes):
     """Delete every cached bottleneck (only the cache's own files; a folder that is not a retrain cache is refused)."""
-    from .bottlenecks import cache_summary, clear_cache
+    from .features.bottlenecks import cache_summary, clear_cache
 
     summary = cache_summary(cache_dir)
     if not yes:
@@ -407,7 +407,7 @@ def module():
 def module_inspect(handle, image_size, allow_unversioned, trust_hosts, quiet, as_json):
     """Resolve HANDLE and show its input size, feature dimension and fingerprint."""
     _setup(quiet, as_json)
-    from .module import load_module
+    from .features.module import load_module
 
     info = load_module(handle, image_size, allow_unversioned, tuple(trust_hosts)).info.to_dict()
     if as_json:

@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 import retrain
-from retrain.augment import DEFAULT_AUGMENTATION, Augmentation, augment_pixels, copy_key
+from retrain.data.augment import DEFAULT_AUGMENTATION, Augmentation, augment_pixels, copy_key
 from retrain.cli import main
 from retrain.errors import ConfigError
 
@@ -65,10 +65,10 @@ def test_augmented_cache_is_hit_on_the_second_run(augmented_runs):
 def test_augmented_vectors_differ_from_plain_ones_and_are_training_only(augmented_runs, tiny_module, colour_dir):
     from pathlib import Path
 
-    from retrain.augment import augmented_cache
-    from retrain.bottlenecks import BottleneckCache
-    from retrain.dataset import split_dataset
-    from retrain.module import load_module
+    from retrain.data.augment import augmented_cache
+    from retrain.features.bottlenecks import BottleneckCache
+    from retrain.data.dataset import split_dataset
+    from retrain.features.module import load_module
 
     first, _ = augmented_runs
     info = load_module(tiny_module).info

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from retrain.cli import main
 from retrain.config import TrainConfig
 from retrain.errors import ConfigError
-from retrain.head import balanced_class_weights, train_head_minibatch
+from retrain.training.head import balanced_class_weights, train_head_minibatch
 from tiny_modules import write_colour_images
 
 

@@ -1,4 +1,4 @@
-"""retrain.dataset: scanning an image folder, validating it and splitting it stably.
+"""retrain.data.dataset: scanning an image folder, validating it and splitting it stably.
 
 Every image is written by the test into tmp_path with Pillow: tiny PNGs whose single colour is
 derived from a number, so two files have identical bytes exactly when they were written with
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from retrain.dataset import SPLITS, _bucket, scan_folder, split_dataset
+from retrain.data.dataset import SPLITS, _bucket, scan_folder, split_dataset
 from retrain.errors import DatasetError
 
 

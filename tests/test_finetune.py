@@ -12,8 +12,8 @@ from click.testing import CliRunner
 import retrain
 from retrain.cli import main
 from retrain.errors import ConfigError, ModuleError
-from retrain.finetune import weights_fingerprint
-from retrain.runner import SavedModelRunner
+from retrain.training.finetune import weights_fingerprint
+from retrain.evaluation.runner import SavedModelRunner
 from tiny_modules import save_tiny_module
 
 FAST = dict(epochs=40, learning_rate=0.05, patience=10, quantize=())
@@ -45,7 +45,7 @@ def tuned(bn_module, colour_dir, tmp_path_factory):
 
 
 def _pixels(colour_dir, size=32):
-    from retrain.images import load_image
+    from retrain.data.images import load_image
 
     paths = sorted(str(p) for p in colour_dir.rglob("*.jpg"))
     return np.stack([load_image(p, size, size) for p in paths])
@@ -75,7 +75,7 @@ def test_fine_tuning_changes_module_weights_and_records_them(tuned, bn_module):
 
 
 def test_export_serves_the_fine_tuned_weights_with_frozen_batch_norm(tuned, bn_module):
-    from retrain.module import load_module
+    from retrain.features.module import load_module
 
     data, out, _ = tuned
     saved, values = _saved_variables(out)
@@ -103,14 +103,14 @@ def test_fine_tuned_export_differs_from_frozen_and_tflite_agrees(tuned, frozen, 
 def test_fine_tune_in_memory_matches_the_export(bn_module, colour_dir, tmp_path):
     import tensorflow as tf
 
-    from retrain.bottlenecks import BottleneckCache, extract_bottlenecks
+    from retrain.features.bottlenecks import BottleneckCache, extract_bottlenecks
     from retrain.config import TrainConfig
-    from retrain.dataset import split_dataset
-    from retrain.export import build_serving_model, save_serving_model
-    from retrain.finetune import fine_tune
-    from retrain.head import train_head_minibatch
-    from retrain.images import to_module_input
-    from retrain.module import load_module
+    from retrain.data.dataset import split_dataset
+    from retrain.serving.tflite import build_serving_model, save_serving_model
+    from retrain.training.finetune import fine_tune
+    from retrain.training.head import train_head_minibatch
+    from retrain.data.images import to_module_input
+    from retrain.features.module import load_module
 
     config = TrainConfig(epochs=40, learning_rate=0.05, fine_tune=True, fine_tune_epochs=3)
     split = split_dataset(colour_dir, 10, 10)
@@ -152,9 +152,9 @@ def test_no_improvement_keeps_the_frozen_module(bn_module, colour_dir, frozen, t
 
 
 def test_the_cache_never_holds_fine_tuned_vectors(tuned, bn_module, colour_dir, tmp_path):
-    from retrain.bottlenecks import BottleneckCache, extract_bottlenecks
-    from retrain.dataset import scan_folder
-    from retrain.module import load_module
+    from retrain.features.bottlenecks import BottleneckCache, extract_bottlenecks
+    from retrain.data.dataset import scan_folder
+    from retrain.features.module import load_module
 
     _, _, cache_dir = tuned
     module = load_module(bn_module)

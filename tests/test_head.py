@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrain import head as head_module
+from retrain.training import head as head_module
 from retrain.cli import main
 from retrain.config import TrainConfig
 from retrain.errors import ConfigError
-from retrain.evaluate import wilson_interval
-from retrain.head import C_GRID, choose_solver, fit_head
+from retrain.evaluation.evaluate import wilson_interval
+from retrain.training.head import C_GRID, choose_solver, fit_head
 from tiny_modules import save_pooling_module, write_colour_images, write_one_pixel_colour_images
 
 

@@ -1,4 +1,4 @@
-"""retrain.images: probing, decoding (TensorFlow and Pillow) and batching image files.
+"""retrain.data.images: probing, decoding (TensorFlow and Pillow) and batching image files.
 
 Every image is made by the test with Pillow, in memory or inside tmp_path.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from retrain.images import (
+from retrain.data.images import (
     MAX_PIXELS,
     decode_with_pillow,
     iter_image_batches,

@@ -1,4 +1,4 @@
-"""TFLite metadata (labels for on-device tooling) written by retrain.metadata, read back without MediaPipe."""
+"""TFLite metadata (labels for on-device tooling) written by retrain.serving.metadata, read back without MediaPipe."""
 
 import io
 import zipfile
@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from retrain.metadata import METADATA_NAME, add_metadata, read_metadata
+from retrain.serving.metadata import METADATA_NAME, add_metadata, read_metadata
 
 LABELS = ["blue", "green", "red"]
 SIZE = 16

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from retrain.errors import ModuleError
-from retrain.module import check_trusted, fingerprint, load_module
+from retrain.features.module import check_trusted, fingerprint, load_module
 from tiny_modules import save_tiny_module
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrain import report
+from retrain.evaluation import report
 from retrain.errors import OutputError
-from retrain.evaluate import Evaluation, ImageRecord, classification_metrics, top_k_accuracy
+from retrain.evaluation.evaluate import Evaluation, ImageRecord, classification_metrics, top_k_accuracy
 
 CLASSES = ["cat", 'Große "dog" & co', "<b>bird</b>"]
 # (true label, predicted label, confidence of the prediction) per image

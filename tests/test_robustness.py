@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 import retrain
-import retrain.api
+import retrain.pipeline
 from retrain.cli import main
 from retrain.errors import DatasetError
-from retrain.module import TRUSTED_HOSTS, check_trusted
+from retrain.features.module import TRUSTED_HOSTS, check_trusted
 
 FAST = dict(epochs=30, learning_rate=0.05)
 
@@ -52,7 +52,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_output(colour_dir, tiny_module, tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(retrain.api, "fit_head", interrupted)
+    monkeypatch.setattr(retrain.pipeline, "fit_head", interrupted)
     result = CliRunner().invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(tmp_path / "out"),
                                        "--cache-dir", str(tmp_path / "c"), "-q"])
     assert result.exit_code == 130

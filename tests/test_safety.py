@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from retrain import safety
-from retrain.bottlenecks import BottleneckCache, cache_summary, clean_stale_temporaries, clear_cache
+from retrain.features.bottlenecks import BottleneckCache, cache_summary, clean_stale_temporaries, clear_cache
 from retrain.cli import main
 from retrain.errors import OutputError
 from retrain.files import make_stage, replace_dir
@@ -302,7 +302,7 @@ def test_the_final_move_checks_the_target_again(tmp_path):
 DELETING_CALLS = {
     "api.py": (1, "export: os.replace of a converted TFLite file over the same name in a retrain model "
                   "(refused when that name is not the tool's)", "export over a user's file"),
-    "bottlenecks.py": (3, "a damaged shard set aside; its own temporary shard; (write) only inside a tagged cache",
+    "features/bottlenecks.py": (3, "a damaged shard set aside; its own temporary shard; (write) only inside a tagged cache",
                        "test_cache_clear_removes_only_the_cache_files"),
     "files.py": (9, "staging folders with the stage mark; the earlier output after why_not_replaceable; "
                     "write_atomic's own temporary file", "test_staging_leftovers_are_removed_only_when_marked"),

@@ -13,9 +13,10 @@ from click.testing import CliRunner
 
 import retrain
 import retrain.api
+import retrain.serving.checks
 from retrain.cli import main
-from retrain.export import TFLITE_FORMATS, read_tflite_labels
-from retrain.runner import TFLiteRunner
+from retrain.serving.tflite import TFLITE_FORMATS, read_tflite_labels
+from retrain.evaluation.runner import TFLiteRunner
 
 FAST = dict(epochs=40, learning_rate=0.05, patience=10)
 # Largest probability difference from the SavedModel each format may show (quantization noise).
@@ -51,7 +52,7 @@ def test_each_format_runs_and_sums_to_one(all_formats, name):
     assert figures["agreement"] >= TFLITE_FORMATS[name].agreement_tolerance
     assert figures["max_abs_diff"] <= MAX_ABS_DIFF[name]
     assert result.metrics["tflite"]["float32"]["accuracy"] - figures["accuracy"] <= 0.02
-    from retrain.runner import SavedModelRunner
+    from retrain.evaluation.runner import SavedModelRunner
     from tiny_modules import colour_pixels
 
     pixels = colour_pixels(result.classes)
@@ -87,7 +88,7 @@ def test_model_card_lists_module_metrics_and_its_snippets_run(all_formats, tiny_
 
 
 def test_lossy_variant_is_reported_loudly(tiny_module, colour_dir, tmp_path, monkeypatch):
-    real_check = retrain.api.check_tflite
+    real_check = retrain.serving.checks.check_tflite
 
     def pessimistic(path, reference, pixels, labels):
         figures = real_check(path, reference, pixels, labels)
@@ -95,7 +96,7 @@ def test_lossy_variant_is_reported_loudly(tiny_module, colour_dir, tmp_path, mon
             figures["accuracy"] -= 0.5
         return figures
 
-    monkeypatch.setattr(retrain.api, "check_tflite", pessimistic)
+    monkeypatch.setattr(retrain.serving.checks, "check_tflite", pessimistic)
     result = CliRunner().invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(tmp_path / "o"),
                                        "--cache-dir", str(tmp_path / "c"), "--json", "--epochs", "40", "--learning-rate", "0.05"])
     assert result.exit_code == 0, result.output
@@ -139,20 +140,20 @@ def test_export_int8_calibrates_on_training_images_only(all_formats, tmp_path, m
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     seen = []
-    real = retrain.api._representative_images
+    real = retrain.api.representative_images
 
     def spy(images, *args):
         seen.extend(images)
         return real(images, *args)
 
-    monkeypatch.setattr(retrain.api, "_representative_images", spy)
+    monkeypatch.setattr(retrain.api, "representative_images", spy)
     retrain.export(copy, ["int8"])
     split = retrain.api.split_dataset(json.loads((copy / "run.json").read_text())["image_dir"])
     assert {i.path for i in seen} == {i.path for i in split.train}
 
 
 def test_one_reused_converter_writes_the_same_files_as_fresh_ones(all_formats, tmp_path):
-    from retrain.export import export_tflite, tflite_converter
+    from retrain.serving.tflite import export_tflite, tflite_converter
 
     _, out = all_formats
     saved_model = out / "saved_model"

@@ -8,7 +8,7 @@ import pytest
 
 import retrain
 from retrain.errors import ConfigError, OutputError
-from retrain.export import read_tflite_labels
+from retrain.serving.tflite import read_tflite_labels
 from tiny_modules import write_colour_images
 
 FAST = dict(epochs=40, learning_rate=0.05, patience=10)
@@ -138,7 +138,7 @@ def test_foreign_output_folder_is_refused_even_with_overwrite(tiny_module, colou
 
 
 def test_failed_export_leaves_previous_output_intact(trained, tiny_module, colour_dir, tmp_path, monkeypatch):
-    import retrain.api
+    import retrain.serving.checks
 
     _, out, cache = trained
     target = tmp_path / "target"
@@ -148,7 +148,7 @@ def test_failed_export_leaves_previous_output_intact(trained, tiny_module, colou
     def broken(*args, **kwargs):
         raise RuntimeError("converter crashed")
 
-    monkeypatch.setattr(retrain.api, "export_tflite", broken)
+    monkeypatch.setattr(retrain.serving.checks, "export_tflite", broken)
     with pytest.raises(RuntimeError):
         retrain.train(colour_dir, tiny_module, target, cache_dir=str(cache), overwrite=True, **FAST)
     assert (target / "model.tflite").read_bytes() == before

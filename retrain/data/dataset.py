@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DatasetError
+from ..errors import DatasetError
 from .images import IMAGE_EXTENSIONS, probe_image
 
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "icon\r"}

@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ._tf import tf as _tf
-from .errors import ModuleError, first_line
-from .safety import MODULE_RECORDS  # in the bottleneck cache folder: first fingerprint per versioned URL
+from .._tf import tf as _tf
+from ..errors import ModuleError, first_line
+from ..safety import MODULE_RECORDS  # in the bottleneck cache folder: first fingerprint per versioned URL
 
 TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com")
 DEFAULT_VALUE_RANGE = (0.0, 1.0)  # TF Hub image modules take RGB floats in [0, 1]
@@ -41,7 +41,7 @@ class InputSpec:
     resize: str = "bilinear"
 
     def key(self) -> str:
-        from .images import PREPROCESSING_VERSION
+        from ..data.images import PREPROCESSING_VERSION
 
         text = f"{self.height}x{self.width}|{self.value_range[0]:g},{self.value_range[1]:g}|{self.resize}|v{PREPROCESSING_VERSION}"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -87,7 +87,7 @@ class LoadedModule:
         it). Extraction calls it; ``load_module`` probes the module through it, so the graph's
         one-time set-up on the first call is paid once."""
         if self._pixel_features is None:
-            from .images import to_module_input
+            from ..data.images import to_module_input
 
             tf = _tf()
             spec = self.info.input_spec
@@ -167,8 +167,8 @@ def check_recorded_fingerprint(handle: str, path: Path, digest: str, records_dir
     The first fingerprint seen for a versioned URL is recorded in ``records_dir/modules.json``;
     a different one later means the TF Hub cache entry was damaged or altered.
     """
-    from .files import write_atomic
-    from .safety import check_cache_folder, ensure_cache
+    from ..files import write_atomic
+    from ..safety import check_cache_folder, ensure_cache
 
     if not is_versioned(handle):
         return
@@ -266,7 +266,7 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
     path = resolve_handle(handle, allow_unversioned, trust_hosts)
     digest = fingerprint(path)
     if is_url(handle):
-        from .config import default_cache_dir
+        from ..config import default_cache_dir
 
         check_recorded_fingerprint(handle, path, digest, records_dir or default_cache_dir())
     tf = _tf()

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import progress
-from ._tf import tf as _tf
-from .config import TrainConfig
-from .errors import ConfigError, ModuleError
-from .evaluate import wilson_interval
+from .. import progress
+from .._tf import tf as _tf
+from ..config import TrainConfig
+from ..errors import ConfigError, ModuleError
+from ..evaluation.evaluate import wilson_interval
 from .head import head_losses
-from .images import iter_image_batches, to_module_input
+from ..data.images import iter_image_batches, to_module_input
 
 
 @dataclass
@@ -110,7 +110,7 @@ def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_im
     tf = _tf()
     import keras
 
-    from .augment import augment_pixels
+    from ..data.augment import augment_pixels
 
     module_vars = trainable_module_variables(module)
     if not val_images:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._tf import quiet_stderr
-from ._tf import tf as _tf
-from .errors import ModelError, first_line
-from .export import (
+from .._tf import quiet_stderr
+from .._tf import tf as _tf
+from ..errors import ModelError, first_line
+from ..serving.tflite import (
     LABELS_FILE,
     OUTPUT_KEY,
     SIGNATURE_ANY_SIZE,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import progress
-from .dataset import scan_folder
-from .errors import DatasetError
-from .images import IMAGE_EXTENSIONS, iter_image_batches, probe_image
+from .. import progress
+from ..data.dataset import scan_folder
+from ..errors import DatasetError
+from ..data.images import IMAGE_EXTENSIONS, iter_image_batches, probe_image
 
 
 SMALL_TEST_SET = 30  # fewer images than this cannot tell models apart: said in one line

@@ -31,10 +31,10 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import ConfigError
-from .files import staged_output
-from .safety import REPORT, check_apart, check_output_folder, manifest
-from .images import MAX_PIXELS, to_rgb  # larger files than MAX_PIXELS get no thumbnail
+from ..errors import ConfigError
+from ..files import staged_output
+from ..safety import REPORT, check_apart, check_output_folder, manifest
+from ..data.images import MAX_PIXELS, register_phone_formats, to_rgb  # larger files than MAX_PIXELS get no thumbnail
 
 INDEX = "index.html"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -183,6 +183,7 @@ def _write_per_class_csv(path: Path, classes: list[str], per_class: dict) -> Non
 
 def _load_thumbnail(path: str, size: int):
     """(RGB thumbnail fitting size x size, None) or (None, why not)."""
+    register_phone_formats()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ._tf import tf as _tf
+from .._tf import tf as _tf
 
 # Bump when the pixels produced for given parameters change: it is part of the cache key.
 AUGMENTATION_VERSION = 1
@@ -110,7 +110,7 @@ def augment_pixels(pixels: np.ndarray, params: dict) -> np.ndarray:
 
 def augmented_cache(cache_root, module_info, augmentation: Augmentation):
     """The cache of augmented copies: beside the plain one, keyed by module, preprocessing and settings."""
-    from .bottlenecks import BottleneckCache
+    from ..features.bottlenecks import BottleneckCache
 
     return BottleneckCache(cache_root, module_info.fingerprint, f"{module_info.input_spec.key()}-aug{augmentation.key()}")
 
@@ -123,7 +123,7 @@ def extract_augmented_bottlenecks(images, module, cache, copies: int, augmentati
     whose vectors are in ``bottlenecks.vectors``. Copies are for training only."""
     from dataclasses import replace
 
-    from .bottlenecks import extract_bottlenecks
+    from ..features.bottlenecks import extract_bottlenecks
 
     keys = [[copy_key(image.content_hash, k, augmentation) for k in range(copies)] for image in images]
     virtual = [replace(image, content_hash=key) for image, image_keys in zip(images, keys) for key in image_keys]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .export import TFLITE_FORMATS
+from ..serving.tflite import TFLITE_FORMATS
 
 
 def _pct(value) -> str:

@@ -19,10 +19,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ._tf import quiet_stderr
-from ._tf import tf as _tf
-from .errors import ConfigError, ModelError
-from .images import resize_to_uint8, to_module_input
+from .._tf import quiet_stderr
+from .._tf import tf as _tf
+from ..errors import ConfigError, ModelError
+from ..data.images import resize_to_uint8, to_module_input
 
 SIGNATURE_ANY_SIZE = "serving_default"
 SIGNATURE_FIXED = "serving_fixed"

@@ -7,8 +7,10 @@ numbers: decode -> bilinear resize -> round to uint8 -> scale to the module's va
 
 Plain JPEG and PNG files are decoded by TensorFlow inside a parallel ``tf.data`` pipeline (no
 Python per image). Files TensorFlow gets wrong or cannot read go through Pillow: EXIF-rotated
-and CMYK JPEGs, images with transparency (composited on white), GIF (first frame), WebP, BMP
-and the rest. A file neither can decode is reported as skipped with the reason.
+and CMYK JPEGs, images with transparency (composited on white), GIF (first frame), WebP, BMP,
+TIFF, and today's phone formats: AVIF (Pillow's own decoder) and HEIC / HEIF (pillow-heif's
+opener, registered with Pillow on first use). A file neither can decode is reported as skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._tf import tf as _tf
+from .._tf import tf as _tf
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".avif", ".heic", ".heif")
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold, applied to both decoders
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 # Bump when the pixels produced for a given file and size change: it is part of the cache key.
@@ -93,6 +95,8 @@ def _probe_jpeg(data: bytes) -> Probe:
 def _exif_orientation(data: bytes) -> int | None:
     from PIL import Image
 
+    register_phone_formats()
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.getexif().get(0x0112)
@@ -139,11 +143,26 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+_phone_formats_registered = False
+
+
+def register_phone_formats() -> None:
+    """Teach Pillow HEIC / HEIF (iPhone photos), once per process: pillow-heif's opener."""
+    global _phone_formats_registered
+    if not _phone_formats_registered:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        _phone_formats_registered = True
+
+
 def decode_with_pillow(data: bytes) -> np.ndarray:
     """Decode bytes to an RGB uint8 array with Pillow: orientation applied, alpha on white."""
     import warnings
 
     from PIL import Image, ImageOps
+
+    register_phone_formats()
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import progress
-from .images import iter_image_batches
-from .safety import TEMPORARY_SHARD, cache_entries, check_cache_folder, ensure_cache, remove_entry_files
+from .. import progress
+from ..data.images import iter_image_batches
+from ..safety import TEMPORARY_SHARD, cache_entries, check_cache_folder, ensure_cache, remove_entry_files
 
 SHARD_SIZE = 512  # vectors per shard: bounds memory while extracting and the work lost to a kill
 
@@ -291,7 +291,7 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    from .config import default_cache_dir
+    from ..config import default_cache_dir
 
     return check_cache_folder(cache_dir if cache_dir else default_cache_dir())
 

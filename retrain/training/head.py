@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import progress
-from ._tf import tf as _tf
-from .config import TrainConfig
+from .. import progress
+from .._tf import tf as _tf
+from ..config import TrainConfig
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Module handles (trust, fingerprint, load) and the bottleneck cache with extraction."""

@@ -1,0 +1,450 @@
+"""``train`` as named stages, in the order of the README's data-flow picture:
+
+    prepare -> features -> head -> fine-tune -> export -> records
+
+Each stage is a function that takes what the earlier ones made and returns a small dataclass;
+``train`` only calls them in order. Every check that can refuse the run (paths, options, the
+module) happens in ``prepare``, before any image is read; nothing is written to the output
+folder until ``export``, which writes into a staging folder moved into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import TrainConfig
+from .data.augment import DEFAULT_AUGMENTATION, augmented_cache, extract_augmented_bottlenecks
+from .data.dataset import Split, split_dataset
+from .errors import AccuracyError, ConfigError, DatasetError
+from .evaluation.card import model_card
+from .evaluation.evaluate import classification_metrics, small_set_note, wilson_interval
+from .evaluation.label_errors import PAGE as LABEL_ERRORS_PAGE
+from .evaluation.label_errors import find_label_errors, write_label_error_page
+from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
+from .features.module import LoadedModule, load_module
+from .files import staged_output
+from .safety import MODEL, check_apart, check_cache_folder, check_output_folder, ensure_cache, manifest
+from .serving.checks import (TestSet, batched, representative_images, test_pixels, tflite_metadata,
+                             write_tflite_variants)
+from .serving.tflite import LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format
+from .training.finetune import fine_tune, trainable_module_variables
+from .training.head import Head, balanced_class_weights, choose_solver, class_counts, fit_head
+
+RUN_FILE = "run.json"
+MODEL_CARD_FILE = "README.md"
+METRICS_FILE = "metrics.json"
+SAVED_MODEL_DIR = "saved_model"
+
+
+@dataclass
+class TrainResult:
+    output: str
+    classes: list[str]
+    split: dict  # images per split
+    split_per_class: dict
+    metrics: dict  # cross_validation or validation / test / tflite per format, each accuracy with its interval
+    timings: dict  # seconds per stage
+    cache: dict  # hits, misses, corrupt_shards, dir
+    module: dict  # handle, fingerprint, input spec, feature dim
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)
+    head: dict = field(default_factory=dict)  # solver, seconds; minibatch: epochs; logistic: cross_validation
+    label_errors: list[dict] = field(default_factory=list)  # likely mislabelled training images (flagged only)
+    class_balance: dict = field(default_factory=dict)  # train images per class, imbalance ratio, class weights
+    augment: dict = field(default_factory=dict)  # settings and augmented copies (empty without --augment)
+    fine_tune: dict = field(default_factory=dict)  # stage 2 (empty without --fine-tune)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Stopwatch:
+    """Seconds per stage: ``with watch("head"): ...``; ``total`` from construction."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        mark = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - mark
+
+    def rounded(self) -> dict:
+        return {k: round(v, 3) for k, v in {**self.seconds, "total": time.perf_counter() - self.started}.items()}
+
+
+# --- prepare: every refusal before any work -------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    config: TrainConfig
+    output: Path  # as given (artifacts name it so)
+    split: Split
+    module: LoadedModule
+    batch: int  # images per module call
+
+
+def output_target(output: str | os.PathLike) -> Path:
+    """The folder an output path names, symbolic links and ``..`` resolved: the one written."""
+    return Path(output).expanduser().resolve()
+
+
+def check_train_paths(image_dir, output: Path, config: TrainConfig, module: str, overwrite: bool) -> None:
+    """The output may be replaced, and no folder written overlaps one read (safety.py)."""
+    from .features.module import is_url
+
+    writes = {"output folder": output, "cache folder": config.resolved_cache_dir}
+    if is_url(module):  # TF Hub downloads into its cache folder
+        from tensorflow_hub.resolver import tfhub_cache_dir
+
+        writes["TF Hub cache folder"] = tfhub_cache_dir(use_temp=True)
+    check_apart(writes, {"image folder": image_dir, "validation folder": config.validation_dir,
+                         "test folder": config.test_dir, "module folder": None if is_url(module) else module})
+    check_output_folder(output_target(output), MODEL, overwrite)
+    check_cache_folder(config.resolved_cache_dir)
+
+
+def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool, watch: Stopwatch) -> Prepared:
+    """Options, paths, the scan and split, and the module: everything that can refuse the run."""
+    for name in config.quantize:
+        tflite_format(name)
+    output = Path(output).expanduser()
+    check_train_paths(image_dir, output, config, module, overwrite)
+    with watch("scan"):
+        split = split_dataset(image_dir, config.validation_percent, config.test_percent, config.validation_dir,
+                              config.test_dir)
+    if config.fine_tune and not split.validation:
+        raise ConfigError("--fine-tune needs validation images to keep only improvements: "
+                          "use --validation-percent above 0 or --validation-dir")
+    with watch("module"):
+        loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
+                             records_dir=config.resolved_cache_dir)
+        check_apart({"output folder": output, "cache folder": config.resolved_cache_dir},
+                    {"module folder": loaded.info.path})  # a URL's folder in the TF Hub cache
+        if config.fine_tune:
+            trainable_module_variables(loaded)  # a module that cannot be fine-tuned fails before any work
+    spec = loaded.info.input_spec
+    return Prepared(config, output, split, loaded, config.batch_for_images(spec.height, spec.width))
+
+
+# --- features: bottlenecks (and augmented copies) from the cache ------------------------------------
+
+
+@dataclass
+class Features:
+    vectors: object  # content hash -> vector (bottlenecks.VectorStore)
+    cache: dict  # hits, misses, corrupt_shards, dir
+    skipped: list[dict]
+    folded: int  # validation images folded into training
+    head_x: np.ndarray  # training vectors, augmented copies after the originals
+    head_y: np.ndarray
+    groups: np.ndarray | None  # an image and its copies share a cross-validation fold
+    augment: dict
+
+
+def arrays(images, vectors, dim: int):
+    x = np.stack([vectors[i.content_hash] for i in images]) if images else np.zeros((0, dim), np.float32)
+    return x, np.asarray([i.label for i in images], np.int64)
+
+
+def _check_unusable(split, skipped, max_fraction: float) -> None:
+    """Stop when too much of a class cannot be decoded: the class would be silently under-represented."""
+    for index, name in enumerate(split.classes):
+        usable = sum(1 for part in (split.train, split.validation, split.test) for i in part if i.label == index)
+        bad = [s for s in skipped if s.get("unusable") and s.get("class") == name]
+        total = usable + len(bad)
+        if bad and len(bad) / total > max_fraction:
+            raise DatasetError(
+                f"class {name}: {len(bad)} of {total} image files cannot be used (limit {100 * max_fraction:g}%), "
+                f"e.g. {bad[0]['path']}: {bad[0]['reason']}"
+            )
+        if not any(i.label == index for i in split.train):
+            raise DatasetError(f"class {name} has no usable training images")
+
+
+def fold_validation(split, config: TrainConfig) -> int:
+    """Fold the validation images into training when the head is the cross-validated logistic
+    regression (which picks its own C) and nothing needs them (fine-tuning keeps its best epoch
+    on them). Returns how many were folded in."""
+    copies = config.resolved_augment_copies or 0
+    n_vectors = (len(split.train) + len(split.validation)) * (1 + copies)
+    if (config.keep_validation or config.fine_tune or not split.validation
+            or choose_solver(config.head, n_vectors) != "logistic"):
+        return 0
+    folded = len(split.validation)
+    split.train, split.validation = split.train + split.validation, []
+    return folded
+
+
+def compute_features(prep: Prepared, watch: Stopwatch) -> Features:
+    config, split, loaded = prep.config, prep.split, prep.module
+    with watch("bottlenecks"):
+        cache_root = ensure_cache(config.resolved_cache_dir)
+        clean_stale_temporaries(cache_root)
+        cache = BottleneckCache(cache_root, loaded.info.fingerprint, loaded.info.input_spec.key())
+        everything = split.train + split.validation + split.test
+        bottlenecks = extract_bottlenecks(everything, loaded, cache, prep.batch)
+    classes_by_path = {image.path: split.classes[image.label] for image in everything}
+    skipped = list(split.skipped) + [
+        {**item, "class": classes_by_path.get(item["path"]), "unusable": True} for item in bottlenecks.skipped
+    ]
+    for name in ("train", "validation", "test"):
+        setattr(split, name, [i for i in getattr(split, name) if i.content_hash in bottlenecks.vectors])
+    _check_unusable(split, skipped, config.max_unusable_fraction)
+    folded = fold_validation(split, config)
+    head_x, head_y = arrays(split.train, bottlenecks.vectors, loaded.info.feature_dim)
+    groups, augment = None, {}
+    copies = config.resolved_augment_copies
+    if config.augment:
+        augment = {"settings": DEFAULT_AUGMENTATION.to_dict(), "copies": copies, "on_the_fly": config.fine_tune}
+    if copies:  # training images only: validation and test stay as they are
+        with watch("augment"):
+            store = augmented_cache(cache_root, loaded.info, DEFAULT_AUGMENTATION)
+            augmented, keys = extract_augmented_bottlenecks(split.train, loaded, store, copies, DEFAULT_AUGMENTATION,
+                                                            prep.batch)
+        augment["cache"] = {"hits": augmented.hits, "misses": augmented.misses,
+                            "corrupt_shards": len(augmented.corrupt_shards), "dir": str(store.dir)}
+        copy_x = np.stack([augmented.vectors[key] for row in keys for key in row])
+        n = len(head_y)
+        groups = np.concatenate([np.arange(n), np.repeat(np.arange(n), copies)])
+        head_x, head_y = np.concatenate([head_x, copy_x]), np.concatenate([head_y, np.repeat(head_y, copies)])
+    return Features(bottlenecks.vectors, {"hits": bottlenecks.hits, "misses": bottlenecks.misses,
+                                          "corrupt_shards": len(bottlenecks.corrupt_shards), "dir": str(cache.dir)},
+                    skipped, folded, head_x, head_y, groups, augment)
+
+
+# --- head: the new layer on the cached vectors ------------------------------------------------------
+
+
+@dataclass
+class HeadStage:
+    head: Head
+    class_weights: dict | None
+    class_balance: dict
+    record: dict  # what run.json and the JSON say about the head
+    metrics: dict  # cross_validation and/or validation
+    label_errors: list[dict]
+
+
+def train_head_stage(prep: Prepared, features: Features, watch: Stopwatch) -> HeadStage:
+    config, split = prep.config, prep.split
+    n_classes = len(split.classes)
+    train_y = np.asarray([i.label for i in split.train], np.int64)
+    counts = class_counts(train_y, n_classes)
+    class_weights = balanced_class_weights(train_y, n_classes) if config.class_weight == "balanced" else None
+    balance = {
+        "class_counts": {name: int(count) for name, count in zip(split.classes, counts)},
+        "imbalance_ratio": round(float(counts.max() / max(counts.min(), 1)), 3),
+        "class_weight": config.class_weight,
+        "class_weights": None if class_weights is None else {split.classes[c]: round(w, 4) for c, w in class_weights.items()},
+    }
+    val_x, val_y = arrays(split.validation, features.vectors, prep.module.info.feature_dim)
+    with watch("train"):
+        head = fit_head(features.head_x, features.head_y, val_x, val_y, n_classes, config, class_weights,
+                        features.groups)
+    metrics: dict = {}
+    if len(val_x):
+        metrics["validation"] = classification_metrics(val_y, head.probabilities(val_x).argmax(1), split.classes)
+    cv = head.cross_validation
+    if cv and cv.get("folds"):
+        correct = int(round(cv["accuracy"] * cv["n_images"]))
+        metrics["cross_validation"] = {"accuracy": cv["accuracy"], "n_images": cv["n_images"],
+                                       "accuracy_interval": wilson_interval(correct, cv["n_images"]),
+                                       "folds": cv["folds"], "c": cv["c"]}
+    errors = [] if head.out_of_fold is None else find_label_errors(split.train, head.out_of_fold, split.classes)
+    record = {**head.record(), "training_vectors": int(len(features.head_x)), "validation_folded": features.folded}
+    return HeadStage(head, class_weights, balance, record, metrics, errors)
+
+
+# --- fine-tune: the module's weights with the head (optional) ----------------------------------------
+
+
+@dataclass
+class Tuned:
+    kernel: np.ndarray
+    bias: np.ndarray
+    weights_changed: bool
+    module: dict  # the module record for run.json
+    record: dict  # the fine-tuning record (empty without --fine-tune)
+
+
+def fine_tune_stage(prep: Prepared, stage: HeadStage, metrics: dict, watch: Stopwatch) -> Tuned:
+    """Without --fine-tune, the head as it is. Every bottleneck is computed and cached before:
+    the cache never sees changed weights."""
+    module_record = {**prep.module.info.to_dict(), "weights_changed": False}
+    head = stage.head
+    if not prep.config.fine_tune:
+        return Tuned(head.kernel, head.bias, False, module_record, {})
+    split = prep.split
+    with watch("fine_tune"):
+        fine = fine_tune(prep.module, head.kernel, head.bias, split.train, split.validation, len(split.classes),
+                         prep.config, stage.class_weights, DEFAULT_AUGMENTATION if prep.config.augment else None)
+    module_record.update(weights_changed=fine.weights_changed, weights_fingerprint=fine.weights_fingerprint)
+    metrics["validation"] = classification_metrics(fine.validation_labels, fine.validation_probabilities.argmax(1),
+                                                   split.classes)
+    if not fine.weights_changed:
+        split.warnings.append(
+            f"fine-tuning did not improve validation in {fine.epochs_run} epoch(s) (frozen module: loss "
+            f"{fine.frozen_validation['loss']:.4f}, accuracy {fine.frozen_validation['accuracy']:.4f}): "
+            "the frozen module's weights were kept"
+        )
+    return Tuned(fine.kernel, fine.bias, fine.weights_changed, module_record, fine.to_dict())
+
+
+# --- export: SavedModel, TFLite files (each checked), label-error page ------------------------------
+
+
+def check_min_accuracy(bar: float | None, test: dict | None, output: Path) -> None:
+    """--min-accuracy: below the bar nothing is written (an earlier model in OUT stays)."""
+    if bar is None:
+        return
+    if test is None:
+        raise ConfigError("--min-accuracy needs test images: use --test-percent above 0 or --test-dir")
+    if test["accuracy"] < bar:
+        low, high = test["accuracy_interval"]
+        raise AccuracyError(
+            f"test accuracy {test['accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}, {test['n_images']} images) is below "
+            f"--min-accuracy {bar:g}: nothing was written to {output}"
+        )
+
+
+def _test_reference(prep: Prepared, features: Features, tuned: Tuned, serving, decoded: Future,
+                    metrics: dict) -> TestSet:
+    """The test pixels and the probabilities every TFLite file must reproduce. Frozen module: the
+    head on the test images' cached bottlenecks, which is what the saved graph computes and what
+    training saw. Fine-tuned: the serving model in memory (the one just saved) on the pixels."""
+    images, pixels, labels = decoded.result()
+    test = TestSet(images, pixels, labels, None)
+    if pixels is None:
+        return test
+    if tuned.weights_changed:
+        test.reference = batched(serving.serve_fixed, pixels, prep.batch)
+        source = "fine-tuned serving model (the saved one, in memory) on the test images"
+    else:
+        test_x, _ = arrays(images, features.vectors, prep.module.info.feature_dim)
+        test.reference = Head.probabilities_of(test_x, tuned.kernel, tuned.bias)
+        source = "head on the test images' cached bottlenecks (what the SavedModel computes)"
+    metrics["test"] = {**classification_metrics(labels, test.reference.argmax(1), prep.split.classes), "source": source}
+    note = small_set_note(metrics["test"]["n_images"])
+    if note:
+        prep.split.warnings.append(note)
+    return test
+
+
+def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tuned, decoded: Future,
+                 metrics: dict, folder: Path) -> dict:
+    """Write the model files into ``folder`` (the staging folder); returns the artifacts' final paths."""
+    config, split, output = prep.config, prep.split, prep.output
+    labels_path = folder / LABELS_FILE
+    labels_path.write_text("\n".join(split.classes) + "\n", encoding="utf-8")
+    serving = build_serving_model(prep.module, tuned.kernel, tuned.bias, str(labels_path))
+    save_serving_model(serving, folder / SAVED_MODEL_DIR)
+    artifacts = {"saved_model": str(output / SAVED_MODEL_DIR), "labels": str(output / LABELS_FILE)}
+    test = _test_reference(prep, features, tuned, serving, decoded, metrics)
+    check_min_accuracy(config.min_accuracy, metrics.get("test"), output)
+    formats = ["float32"] + [f for f in config.quantize if f != "float32"]
+    representative = None
+    if any(TFLITE_FORMATS[f].needs_representative for f in formats):
+        representative = representative_images(split.train, prep.module.info.input_spec, config.calibration_samples,
+                                               config.seed, prep.batch)
+    paths, metrics["tflite"], warnings = write_tflite_variants(
+        serving, folder, formats, split.classes, representative, test, config.max_accuracy_drop,
+        tflite_metadata(prep.module.info, split.classes, tuned.weights_changed))
+    split.warnings.extend(warnings)
+    if stage.label_errors:
+        write_label_error_page(stage.label_errors, folder, split.classes)
+        artifacts["label_errors"] = str(output / LABEL_ERRORS_PAGE)
+    artifacts.update({f"tflite_{name}": str(output / path.name) for name, path in paths.items()})
+    return artifacts
+
+
+# --- records: run.json, metrics.json, the model card -------------------------------------------------
+
+
+def _package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"retrain": __version__, "python": platform.python_version()}
+    for name in ("tensorflow", "keras", "tensorflow-hub", "numpy", "pillow", "ai-edge-litert", "scikit-learn"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_records(image_dir, result: TrainResult, config: TrainConfig, folder: Path) -> None:
+    """metrics.json and the model card, then run.json last: the marker that makes the folder
+    replaceable by a later run, listing every file in it."""
+    run = {
+        "tool": "retrain",
+        "output_kind": "model",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "image_dir": str(Path(image_dir).expanduser().resolve()),
+        "config": config.to_dict(),
+        **{key: getattr(result, key) for key in ("module", "classes", "split", "split_per_class", "head",
+                                                  "label_errors", "class_balance", "augment", "fine_tune")},
+        "metrics_file": METRICS_FILE,
+        "cache": {"hits": result.cache["hits"], "misses": result.cache["misses"]},
+        "skipped": result.skipped,
+        "versions": _package_versions(),
+    }
+    (folder / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2) + "\n")
+    (folder / MODEL_CARD_FILE).write_text(model_card(run, result.metrics))
+    run["files"] = manifest(folder, MODEL)
+    (folder / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+
+
+# --- the orchestrator --------------------------------------------------------------------------------
+
+
+def train(image_dir: str | os.PathLike, module: str, output: str | os.PathLike, *, config: TrainConfig | None = None,
+          overwrite: bool = False, **options) -> TrainResult:
+    """Train a classifier on ``image_dir`` with ``module`` as a frozen feature extractor and
+    write it to ``output``. Options are ``TrainConfig`` fields.
+
+    With ``fine_tune``, a second stage then trains the module's weights too (training/finetune.py);
+    with ``augment``, the head also learns from cached augmented copies of the training images."""
+    config = replace(config, **options) if config is not None else TrainConfig.from_options(**options)
+    watch = Stopwatch()
+    prep = prepare(image_dir, module, output, config, overwrite, watch)
+    features = compute_features(prep, watch)
+    # The test images are decoded for the export checks while the head trains, on the core it leaves idle.
+    decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-pixels")
+    decoded = decoder.submit(test_pixels, prep.split.test, prep.module.info.input_spec, prep.batch)
+    decoder.shutdown(wait=False)
+    stage = train_head_stage(prep, features, watch)
+    metrics = dict(stage.metrics)
+    tuned = fine_tune_stage(prep, stage, metrics, watch)
+    with staged_output(output_target(prep.output), MODEL) as folder:
+        with watch("export"):
+            artifacts = export_model(prep, features, stage, tuned, decoded, metrics, folder)
+        artifacts.update(run=str(prep.output / RUN_FILE), model_card=str(prep.output / MODEL_CARD_FILE),
+                         metrics=str(prep.output / METRICS_FILE))
+        split = prep.split
+        result = TrainResult(
+            output=str(prep.output), classes=list(split.classes), split=split.counts(),
+            split_per_class=split.counts_per_class(), metrics=metrics, timings=watch.rounded(),
+            cache=features.cache, module=tuned.module, skipped=features.skipped, warnings=list(split.warnings),
+            artifacts=artifacts, head=stage.record, label_errors=stage.label_errors,
+            class_balance=stage.class_balance, augment=features.augment, fine_tune=tuned.record,
+        )
+        write_records(image_dir, result, config, folder)
+    return result

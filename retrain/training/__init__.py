@@ -1,0 +1,1 @@
+"""The head on cached vectors and fine-tuning of the module with it."""
