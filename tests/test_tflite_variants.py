@@ -77,12 +77,25 @@ def test_model_card_lists_module_metrics_and_its_snippets_run(all_formats, tiny_
         assert f"`{TFLITE_FORMATS[name].filename}`" in card
     snippets = re.findall(r"```python\n(.*?)```", card, re.S)
     assert len(snippets) == 2
-    shutil.copy(next((colour_dir / "red").iterdir()), out / "photo.jpg")
+    # A photo-like image (texture, edges, far larger than the module's 32x32), so that resizing
+    # matters: each snippet must print what the tool predicts, to the printed digits. PNG, so that
+    # two JPEG decoders' rounding (TensorFlow's, Pillow's) does not blur the check of the resize.
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    photo = np.asarray(Image.fromarray(coarse).resize((400, 300), Image.NEAREST), np.int16)
+    photo = np.clip(photo + rng.normal(0, 25, photo.shape), 0, 255).astype(np.uint8)
+    photo[:, :, 0] = np.maximum(photo[:, :, 0], 140)  # reddish, so the head has an opinion
+    Image.fromarray(photo).save(out / "photo.jpg", format="PNG")  # the snippets open photo.jpg
     try:
-        for code in snippets:
+        expected = retrain.predict(out, [out / "photo.jpg"])[0].top[0]
+        tflite_expected = retrain.predict(out / "model.tflite", [out / "photo.jpg"])[0].top[0]
+        for code, want in zip(snippets, (expected, tflite_expected)):
             run = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True)
             assert run.returncode == 0, run.stderr
-            assert run.stdout.split()[0] == "red"
+            name, probability = run.stdout.split()
+            assert name == want["class"] and float(probability) == pytest.approx(want["probability"], abs=1e-5)
     finally:
         (out / "photo.jpg").unlink()
 

@@ -325,3 +325,19 @@ def _pillow_batches(paths, indices, height, width, batch_size, as_tensors):
             yield np.asarray(good, dtype=np.int64), batch, skipped
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resize_bilinear_numpy(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``resize_to_uint8`` in NumPy, for code that runs without TensorFlow (LiteRT apps, the model
+    card's snippet): bilinear with half-pixel centres and no antialiasing, as ``tf.image.resize``
+    computes it, rounded to uint8. Pillow's BILINEAR is not this: it antialiases when shrinking."""
+    source = np.asarray(image, np.float32)
+    in_h, in_w = source.shape[:2]
+    ys = np.clip((np.arange(height, dtype=np.float32) + 0.5) * (in_h / height) - 0.5, 0, in_h - 1)
+    xs = np.clip((np.arange(width, dtype=np.float32) + 0.5) * (in_w / width) - 0.5, 0, in_w - 1)
+    y0, x0 = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
+    y1, x1 = np.minimum(y0 + 1, in_h - 1), np.minimum(x0 + 1, in_w - 1)
+    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    top = source[y0][:, x0] * (1 - wx) + source[y0][:, x1] * wx
+    bottom = source[y1][:, x0] * (1 - wx) + source[y1][:, x1] * wx
+    return np.clip(np.round(top * (1 - wy) + bottom * wy), 0, 255).astype(np.uint8)

@@ -29,6 +29,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, ModuleError
 from ..evaluation.evaluate import wilson_interval
 from .head import head_losses
+from .loop import EarlyStopping, make_optimizer
 from ..data.images import iter_image_batches, to_module_input
 
 
@@ -94,134 +95,47 @@ def weights_fingerprint(module) -> str:
     return digest.hexdigest()
 
 
-def _optimizer(config: TrainConfig, learning_rate: float):
-    import keras
-
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
-    return keras.optimizers.Adam(learning_rate=learning_rate)
-
-
 def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_images, n_classes: int,
               config: TrainConfig, class_weights: dict[int, float] | None = None, augmentation=None) -> FineTuneResult:
     """Train the module's trainable variables and the head (from ``kernel``, ``bias``) on the
     images (dataset.ImageFile). The module object is changed in place to the kept state, so an
     export made from it afterwards serves the fine-tuned weights."""
-    tf = _tf()
     import keras
-
-    from ..data.augment import augment_pixels
 
     module_vars = trainable_module_variables(module)
     if not val_images:
         raise ConfigError("--fine-tune needs validation images to keep only improvements: use --validation-percent above 0 or --validation-dir")
-    spec = module.info.input_spec
     keras.utils.set_random_seed(config.seed)
-    learning_rate = config.resolved_fine_tune_learning_rate
-    head_kernel = tf.Variable(np.asarray(kernel, np.float32), name="head_kernel")
-    head_bias = tf.Variable(np.asarray(bias, np.float32), name="head_bias")
-    trained = module_vars + [head_kernel, head_bias]
-    start_state = [v.numpy() for v in trained]
+    steps = _Steps(module, module_vars, kernel, bias, n_classes, config, class_weights)
     original_fingerprint = weights_fingerprint(module)
-    optimizer = _optimizer(config, learning_rate)
-    regularizers = list(getattr(module.obj, "regularization_losses", None) or [])
-    weights = [1.0] * n_classes if class_weights is None else [class_weights.get(c, 1.0) for c in range(n_classes)]
-    weight_table = tf.constant(weights, tf.float32)
-    smoothing, dropout, l2 = config.label_smoothing, config.dropout, config.l2
-    image_spec = tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8)
-
-    def logits_of(pixels, dropout_seed=None):
-        features = module.features(to_module_input(pixels, spec.value_range))  # inference mode: BN frozen
-        if dropout_seed is not None and dropout > 0:
-            features = tf.nn.experimental.stateless_dropout(features, dropout, dropout_seed)
-        return tf.matmul(features, head_kernel) + head_bias
-
-    def losses_of(labels, logits):
-        return head_losses(labels, logits, n_classes, smoothing)
-
-    @tf.function(input_signature=[image_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)])
-    def train_step(pixels, labels, seed):
-        with tf.GradientTape() as tape:
-            # As Keras weighs with class_weight: the weighted sum over the batch size.
-            loss = tf.reduce_mean(losses_of(labels, logits_of(pixels, seed)) * tf.gather(weight_table, labels))
-            total = loss + l2 * tf.reduce_sum(tf.square(head_kernel))
-            for regularizer in regularizers:
-                total += regularizer()
-        gradients = tape.gradient(total, trained)
-        optimizer.apply_gradients([(g, v) for g, v in zip(gradients, trained) if g is not None])
-        return loss
-
-    @tf.function(input_signature=[image_spec, tf.TensorSpec([None], tf.int64)], autograph=False)
-    def eval_step(pixels, labels):
-        logits = logits_of(pixels)
-        return tf.nn.softmax(logits), losses_of(labels, logits)
-
-    val_labels_all = np.asarray([i.label for i in val_images], np.int64)
-
-    def validate():
-        labels, probabilities, losses = [], [], []
-        for indices, pixels, _ in iter_image_batches([i.path for i in val_images], [i.decoder for i in val_images],
-                                                      spec.height, spec.width, config.batch_for_images(spec.height, spec.width)):
-            if pixels is None or not len(indices):
-                continue
-            batch_labels = val_labels_all[indices]
-            p, l = eval_step(tf.constant(pixels), tf.constant(batch_labels))
-            labels.append(batch_labels)
-            probabilities.append(p.numpy())
-            losses.append(l.numpy())
-        labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
-        correct = int((probabilities.argmax(1) == labels).sum())
-        figures = {"loss": float(np.concatenate(losses).mean()), "accuracy": correct / len(labels),
-                   "n_images": int(len(labels)), "accuracy_interval": wilson_interval(correct, len(labels))}
-        return figures, labels, probabilities
-
     started = time.perf_counter()
-    frozen, val_labels, best_probabilities = validate()
-    best_loss, best_state, best_epoch, best = frozen["loss"], None, 0, frozen
-    train_labels = np.asarray([i.label for i in train_images], np.int64)
+    frozen, val_labels, best_probabilities = steps.validate(val_images)
+    best = frozen
+    stopping = EarlyStopping(steps.trained, config.fine_tune_patience, best_loss=frozen["loss"])
     history: list[dict] = []
-    wait = 0
     with progress.bar(total=config.fine_tune_epochs * len(train_images), desc="fine-tune", unit="img") as bar:
         for epoch in range(1, config.fine_tune_epochs + 1):
             epoch_started = time.perf_counter()
-            rng = np.random.default_rng([config.seed, epoch])
-            order = rng.permutation(len(train_images))
-            chosen = [train_images[i] for i in order]
-            total_loss, seen = 0.0, 0
-            for indices, pixels, skipped in iter_image_batches([i.path for i in chosen], [i.decoder for i in chosen],
-                                                                spec.height, spec.width, config.fine_tune_batch_size):
-                if pixels is not None and len(indices):
-                    labels = train_labels[order[indices]]
-                    if augmentation is not None:
-                        pixels = augment_pixels(pixels, augmentation.draw(rng, len(pixels)))
-                    seed = rng.integers(0, 2**31 - 1, size=2)
-                    loss = float(train_step(tf.constant(pixels), tf.constant(labels), tf.constant(seed, tf.int64)))
-                    total_loss += loss * len(indices)
-                    seen += len(indices)
-                bar.update(len(indices) + len(skipped))
-                bar.set_postfix({"epoch": epoch, "loss": f"{total_loss / max(seen, 1):.3f}"}, refresh=False)
-            figures, labels, probabilities = validate()
-            better = figures["loss"] < best_loss and figures["accuracy"] >= frozen["accuracy"]
-            history.append({"epoch": epoch, "loss": total_loss / max(seen, 1), "val_loss": figures["loss"],
+            loss = steps.train_epoch(train_images, epoch, augmentation, bar)
+            figures, labels, probabilities = steps.validate(val_images)
+            # Better only when validation loss is lower and accuracy not below the frozen start.
+            better = stopping.update(epoch, figures["loss"],
+                                     figures["loss"] < stopping.best_loss and figures["accuracy"] >= frozen["accuracy"])
+            history.append({"epoch": epoch, "loss": loss, "val_loss": figures["loss"],
                             "val_accuracy": figures["accuracy"], "improved": better,
                             "seconds": round(time.perf_counter() - epoch_started, 3)})
             if better:
-                best_loss, best_epoch, best, wait = figures["loss"], epoch, figures, 0
-                best_state = [v.numpy() for v in trained]
-                val_labels, best_probabilities = labels, probabilities
-            else:
-                wait += 1
-                if config.fine_tune_patience and wait >= config.fine_tune_patience:
-                    break
-    for variable, value in zip(trained, best_state if best_state is not None else start_state):
-        variable.assign(value)
+                best, val_labels, best_probabilities = figures, labels, probabilities
+            if stopping.stop:
+                break
+    stopping.restore()  # the best epoch, or the frozen start when none beat it
     return FineTuneResult(
-        kernel=head_kernel.numpy(),
-        bias=head_bias.numpy(),
-        kept="fine_tuned" if best_state is not None else "frozen",
+        kernel=steps.head_kernel.numpy(),
+        bias=steps.head_bias.numpy(),
+        kept="fine_tuned" if stopping.best_state is not None else "frozen",
         epochs_run=len(history),
-        best_epoch=best_epoch,
-        learning_rate=learning_rate,
+        best_epoch=stopping.best_epoch,
+        learning_rate=config.resolved_fine_tune_learning_rate,
         frozen_validation=frozen,
         best_validation=best,
         history=history,
@@ -231,6 +145,94 @@ def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_im
         validation_labels=val_labels,
         validation_probabilities=best_probabilities,
     )
+
+
+class _Steps:
+    """The traced training and evaluation steps of module + head, and one epoch of each."""
+
+    def __init__(self, module, module_vars, kernel, bias, n_classes: int, config: TrainConfig, class_weights):
+        tf = _tf()
+        self.module, self.config, self.spec = module, config, module.info.input_spec
+        self.head_kernel = tf.Variable(np.asarray(kernel, np.float32), name="head_kernel")
+        self.head_bias = tf.Variable(np.asarray(bias, np.float32), name="head_bias")
+        self.trained = module_vars + [self.head_kernel, self.head_bias]
+        optimizer = make_optimizer(config, config.resolved_fine_tune_learning_rate)
+        regularizers = list(getattr(module.obj, "regularization_losses", None) or [])
+        weights = [1.0] * n_classes if class_weights is None else [class_weights.get(c, 1.0) for c in range(n_classes)]
+        weight_table = tf.constant(weights, tf.float32)
+        smoothing, dropout, l2 = config.label_smoothing, config.dropout, config.l2
+        image_spec = tf.TensorSpec([None, self.spec.height, self.spec.width, 3], tf.uint8)
+        trained, head_kernel, head_bias, spec = self.trained, self.head_kernel, self.head_bias, self.spec
+
+        def logits_of(pixels, dropout_seed=None):
+            features = module.features(to_module_input(pixels, spec.value_range))  # inference mode: BN frozen
+            if dropout_seed is not None and dropout > 0:
+                features = tf.nn.experimental.stateless_dropout(features, dropout, dropout_seed)
+            return tf.matmul(features, head_kernel) + head_bias
+
+        @tf.function(input_signature=[image_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)])
+        def train_step(pixels, labels, seed):
+            with tf.GradientTape() as tape:
+                # As Keras weighs with class_weight: the weighted sum over the batch size.
+                losses = head_losses(labels, logits_of(pixels, seed), n_classes, smoothing)
+                loss = tf.reduce_mean(losses * tf.gather(weight_table, labels))
+                total = loss + l2 * tf.reduce_sum(tf.square(head_kernel))
+                for regularizer in regularizers:
+                    total += regularizer()
+            gradients = tape.gradient(total, trained)
+            optimizer.apply_gradients([(g, v) for g, v in zip(gradients, trained) if g is not None])
+            return loss
+
+        @tf.function(input_signature=[image_spec, tf.TensorSpec([None], tf.int64)], autograph=False)
+        def eval_step(pixels, labels):
+            logits = logits_of(pixels)
+            return tf.nn.softmax(logits), head_losses(labels, logits, n_classes, smoothing)
+
+        self.train_step, self.eval_step = train_step, eval_step
+
+    def train_epoch(self, images, epoch: int, augmentation, bar) -> float:
+        """One shuffled pass (augmented when asked); returns the mean training loss."""
+        from ..data.augment import augment_pixels
+
+        tf, config, spec = _tf(), self.config, self.spec
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.permutation(len(images))
+        chosen = [images[i] for i in order]
+        labels_all = np.asarray([i.label for i in images], np.int64)
+        total_loss, seen = 0.0, 0
+        for indices, pixels, skipped in iter_image_batches([i.path for i in chosen], [i.decoder for i in chosen],
+                                                            spec.height, spec.width, config.fine_tune_batch_size):
+            if pixels is not None and len(indices):
+                if augmentation is not None:
+                    pixels = augment_pixels(pixels, augmentation.draw(rng, len(pixels)))
+                seed = rng.integers(0, 2**31 - 1, size=2)
+                loss = self.train_step(tf.constant(pixels), tf.constant(labels_all[order[indices]]),
+                                       tf.constant(seed, tf.int64))
+                total_loss += float(loss) * len(indices)
+                seen += len(indices)
+            bar.update(len(indices) + len(skipped))
+            bar.set_postfix({"epoch": epoch, "loss": f"{total_loss / max(seen, 1):.3f}"}, refresh=False)
+        return total_loss / max(seen, 1)
+
+    def validate(self, images) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Loss, accuracy (with count and interval) on the validation images; their labels and probabilities."""
+        tf, spec = _tf(), self.spec
+        labels_all = np.asarray([i.label for i in images], np.int64)
+        labels, probabilities, losses = [], [], []
+        for indices, pixels, _ in iter_image_batches([i.path for i in images], [i.decoder for i in images],
+                                                      spec.height, spec.width,
+                                                      self.config.batch_for_images(spec.height, spec.width)):
+            if pixels is None or not len(indices):
+                continue
+            p, l = self.eval_step(tf.constant(pixels), tf.constant(labels_all[indices]))
+            labels.append(labels_all[indices])
+            probabilities.append(p.numpy())
+            losses.append(l.numpy())
+        labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
+        correct = int((probabilities.argmax(1) == labels).sum())
+        figures = {"loss": float(np.concatenate(losses).mean()), "accuracy": correct / len(labels),
+                   "n_images": int(len(labels)), "accuracy_interval": wilson_interval(correct, len(labels))}
+        return figures, labels, probabilities
 
 
 __all__ = ["FineTuneResult", "fine_tune", "trainable_module_variables", "weights_fingerprint"]

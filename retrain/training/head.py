@@ -16,7 +16,6 @@ Two ways to fit it, chosen by the number of vectors (``choose_solver``):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import numpy as np
 from .. import progress
 from .._tf import tf as _tf
 from ..config import TrainConfig
+from .loop import EarlyStopping, make_optimizer
 
 
 @dataclass
@@ -67,14 +67,6 @@ def head_losses(labels, logits, n_classes: int, smoothing: float):
     return tf.nn.softmax_cross_entropy_with_logits(target, logits)
 
 
-def _optimizer(config: TrainConfig):
-    import keras
-
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
-    return keras.optimizers.Adam(learning_rate=config.learning_rate)
-
-
 def class_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(labels, np.int64), minlength=n_classes)
 
@@ -110,8 +102,44 @@ def train_head_minibatch(
     dim = int(train_x.shape[1])
     kernel = tf.Variable(keras.initializers.GlorotUniform(seed=config.seed)((dim, n_classes)), name="head_kernel")
     bias = tf.Variable(tf.zeros([n_classes]), name="head_bias")
+    run_epoch = _epoch_function(kernel, bias, train_x, train_y, n_classes, config, class_weights)
+    validate = _validation_function(kernel, bias, val_x, val_y, n_classes, config)
+    stopping = EarlyStopping([kernel, bias], config.patience if validate else 0)
+    rng = np.random.default_rng(config.seed)
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    if validate:
+        history.update(val_loss=[], val_accuracy=[])
+    started = time.perf_counter()
+    with progress.bar(total=config.epochs, desc="head", unit="epoch") as bar:
+        for epoch in range(1, config.epochs + 1):
+            loss, accuracy = run_epoch(tf.constant(rng.permutation(len(train_x))),
+                                       tf.constant([config.seed, epoch], tf.int64))
+            history["loss"].append(float(loss))
+            history["accuracy"].append(float(accuracy))
+            shown = {"loss": f"{float(loss):.3f}"}
+            if validate:
+                val_loss, val_accuracy = (float(v) for v in validate())
+                history["val_loss"].append(val_loss)
+                history["val_accuracy"].append(val_accuracy)
+                shown["val_accuracy"] = f"{val_accuracy:.3f}"
+                stopping.update(epoch, val_loss)
+            bar.set_postfix(shown, refresh=False)
+            bar.update(1)
+            if stopping.stop:
+                break
+    if validate:
+        stopping.restore()  # the best epoch's weights
+    epochs_run = len(history["loss"])
+    return Head(kernel=np.asarray(kernel.numpy(), np.float32), bias=np.asarray(bias.numpy(), np.float32),
+                epochs_run=epochs_run, best_epoch=stopping.best_epoch if validate else epochs_run, history=history,
+                seconds=time.perf_counter() - started)
+
+
+def _epoch_function(kernel, bias, train_x, train_y, n_classes: int, config: TrainConfig, class_weights):
+    """One traced epoch over the shuffled batches: ``run_epoch(order, seed) -> (loss, accuracy)``."""
+    tf = _tf()
     variables = [kernel, bias]
-    optimizer = _optimizer(config)
+    optimizer = make_optimizer(config, config.learning_rate)
     optimizer.build(variables)
     weights = np.ones(n_classes, np.float32) if class_weights is None else np.asarray(
         [class_weights.get(c, 1.0) for c in range(n_classes)], np.float32)
@@ -120,9 +148,6 @@ def train_head_minibatch(
     w = tf.gather(tf.constant(weights), y)
     n, batch = len(train_x), config.batch_size
     dropout, l2, smoothing = config.dropout, config.l2, config.label_smoothing
-
-    def regularization():
-        return l2 * tf.reduce_sum(tf.square(kernel))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)])
     def run_epoch(order, seed):
@@ -136,63 +161,30 @@ def train_head_minibatch(
                 logits = tf.matmul(features, kernel) + bias
                 # As Keras weighs with class_weight: the weighted sum over the batch size.
                 loss = tf.reduce_mean(head_losses(labels, logits, n_classes, smoothing) * tf.gather(w, chosen))
-                loss += regularization()
+                loss += l2 * tf.reduce_sum(tf.square(kernel))
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            size = tf.shape(chosen)[0]
-            loss_sum += loss * tf.cast(size, tf.float32)
+            loss_sum += loss * tf.cast(tf.shape(chosen)[0], tf.float32)
             correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int32))
         return loss_sum / n, tf.cast(correct, tf.float32) / n
 
-    has_validation = val_x is not None and len(val_x) > 0
-    if has_validation:
-        vx, vy = tf.constant(np.asarray(val_x, np.float32)), tf.constant(np.asarray(val_y, np.int64))
+    return run_epoch
 
-        @tf.function(autograph=False)
-        def validate():
-            logits = tf.matmul(vx, kernel) + bias
-            loss = tf.reduce_mean(head_losses(vy, logits, n_classes, smoothing)) + regularization()
-            return loss, tf.reduce_mean(tf.cast(tf.argmax(logits, 1) == vy, tf.float32))
 
-    patience = config.patience if has_validation else 0
-    rng = np.random.default_rng(config.seed)
-    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
-    if has_validation:
-        history.update(val_loss=[], val_accuracy=[])
-    best_loss, best_epoch, best_weights, wait = math.inf, 0, None, 0
-    started = time.perf_counter()
-    with progress.bar(total=config.epochs, desc="head", unit="epoch") as bar:
-        for epoch in range(1, config.epochs + 1):
-            loss, accuracy = run_epoch(tf.constant(rng.permutation(n)), tf.constant([config.seed, epoch], tf.int64))
-            history["loss"].append(float(loss))
-            history["accuracy"].append(float(accuracy))
-            shown = {"loss": f"{float(loss):.3f}"}
-            if has_validation:
-                val_loss, val_accuracy = (float(v) for v in validate())
-                history["val_loss"].append(val_loss)
-                history["val_accuracy"].append(val_accuracy)
-                shown["val_accuracy"] = f"{val_accuracy:.3f}"
-            bar.set_postfix(shown, refresh=False)
-            bar.update(1)
-            if not has_validation:
-                continue
-            if val_loss < best_loss:
-                best_loss, best_epoch, wait = val_loss, epoch, 0
-                best_weights = (kernel.numpy(), bias.numpy())
-            else:
-                wait += 1
-                if patience and wait >= patience:
-                    break
-    seconds = time.perf_counter() - started
-    epochs_run = len(history["loss"])
-    final = best_weights if best_weights is not None else (kernel.numpy(), bias.numpy())
-    return Head(
-        kernel=np.asarray(final[0], np.float32),
-        bias=np.asarray(final[1], np.float32),
-        epochs_run=epochs_run,
-        best_epoch=best_epoch if has_validation else epochs_run,
-        history=history,
-        seconds=seconds,
-    )
+def _validation_function(kernel, bias, val_x, val_y, n_classes: int, config: TrainConfig):
+    """``validate() -> (loss, accuracy)`` on the validation vectors, or None without any."""
+    if val_x is None or not len(val_x):
+        return None
+    tf = _tf()
+    vx, vy = tf.constant(np.asarray(val_x, np.float32)), tf.constant(np.asarray(val_y, np.int64))
+
+    @tf.function(autograph=False)
+    def validate():
+        logits = tf.matmul(vx, kernel) + bias
+        loss = tf.reduce_mean(head_losses(vy, logits, n_classes, config.label_smoothing))
+        loss += config.l2 * tf.reduce_sum(tf.square(kernel))
+        return loss, tf.reduce_mean(tf.cast(tf.argmax(logits, 1) == vy, tf.float32))
+
+    return validate
 
 
 # --- the full-batch logistic regression, C by cross-validation --------------------------------
