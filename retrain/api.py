@@ -17,7 +17,8 @@ from .evaluation.card import model_card
 from .evaluation.evaluate import Evaluation, Prediction, evaluate_runner, predict_runner
 from .evaluation.runner import load_model, read_run_info
 from .files import make_stage, remove_stage, write_atomic
-from .pipeline import METRICS_FILE, MODEL_CARD_FILE, RUN_FILE, SAVED_MODEL_DIR, TrainResult, output_target, train
+from .pipeline import output_target, train
+from .records import METRICS_FILE, MODEL_CARD_FILE, RUN_FILE, SAVED_MODEL_DIR, TrainResult
 from .safety import MODEL, check_apart, written_by_tool
 from .serving.checks import TestSet, representative_images, test_set, tflite_metadata, write_tflite_variants
 from .serving.tflite import tflite_format

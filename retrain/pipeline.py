@@ -10,84 +10,30 @@ folder until ``export``, which writes into a staging folder moved into place whe
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .config import TrainConfig
 from .data.augment import DEFAULT_AUGMENTATION, augmented_cache, extract_augmented_bottlenecks
 from .data.dataset import Split, split_dataset
 from .errors import AccuracyError, ConfigError, DatasetError
-from .evaluation.card import model_card
 from .evaluation.evaluate import classification_metrics, small_set_note, wilson_interval
 from .evaluation.label_errors import PAGE as LABEL_ERRORS_PAGE
 from .evaluation.label_errors import find_label_errors, write_label_error_page
 from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
 from .features.module import LoadedModule, load_module
 from .files import staged_output
-from .safety import MODEL, check_apart, check_cache_folder, check_output_folder, ensure_cache, manifest
+from .records import MODEL_CARD_FILE, METRICS_FILE, RUN_FILE, SAVED_MODEL_DIR, Stopwatch, TrainResult, write_records
+from .safety import MODEL, check_apart, check_cache_folder, check_output_folder, ensure_cache
 from .serving.checks import (TestSet, batched, representative_images, test_pixels, tflite_metadata,
                              write_tflite_variants)
 from .serving.tflite import LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format
 from .training.finetune import fine_tune, trainable_module_variables
 from .training.head import Head, balanced_class_weights, choose_solver, class_counts, fit_head
-
-RUN_FILE = "run.json"
-MODEL_CARD_FILE = "README.md"
-METRICS_FILE = "metrics.json"
-SAVED_MODEL_DIR = "saved_model"
-
-
-@dataclass
-class TrainResult:
-    output: str
-    classes: list[str]
-    split: dict  # images per split
-    split_per_class: dict
-    metrics: dict  # cross_validation or validation / test / tflite per format, each accuracy with its interval
-    timings: dict  # seconds per stage
-    cache: dict  # hits, misses, corrupt_shards, dir
-    module: dict  # handle, fingerprint, input spec, feature dim
-    skipped: list[dict] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    artifacts: dict = field(default_factory=dict)
-    head: dict = field(default_factory=dict)  # solver, seconds; minibatch: epochs; logistic: cross_validation
-    label_errors: list[dict] = field(default_factory=list)  # likely mislabelled training images (flagged only)
-    class_balance: dict = field(default_factory=dict)  # train images per class, imbalance ratio, class weights
-    augment: dict = field(default_factory=dict)  # settings and augmented copies (empty without --augment)
-    fine_tune: dict = field(default_factory=dict)  # stage 2 (empty without --fine-tune)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class Stopwatch:
-    """Seconds per stage: ``with watch("head"): ...``; ``total`` from construction."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        mark = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = time.perf_counter() - mark
-
-    def rounded(self) -> dict:
-        return {k: round(v, 3) for k, v in {**self.seconds, "total": time.perf_counter() - self.started}.items()}
-
 
 # --- prepare: every refusal before any work -------------------------------------------------------
 
@@ -373,43 +319,6 @@ def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tu
         artifacts["label_errors"] = str(output / LABEL_ERRORS_PAGE)
     artifacts.update({f"tflite_{name}": str(output / path.name) for name, path in paths.items()})
     return artifacts
-
-
-# --- records: run.json, metrics.json, the model card -------------------------------------------------
-
-
-def _package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"retrain": __version__, "python": platform.python_version()}
-    for name in ("tensorflow", "keras", "tensorflow-hub", "numpy", "pillow", "ai-edge-litert", "scikit-learn"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def write_records(image_dir, result: TrainResult, config: TrainConfig, folder: Path) -> None:
-    """metrics.json and the model card, then run.json last: the marker that makes the folder
-    replaceable by a later run, listing every file in it."""
-    run = {
-        "tool": "retrain",
-        "output_kind": "model",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "image_dir": str(Path(image_dir).expanduser().resolve()),
-        "config": config.to_dict(),
-        **{key: getattr(result, key) for key in ("module", "classes", "split", "split_per_class", "head",
-                                                  "label_errors", "class_balance", "augment", "fine_tune")},
-        "metrics_file": METRICS_FILE,
-        "cache": {"hits": result.cache["hits"], "misses": result.cache["misses"]},
-        "skipped": result.skipped,
-        "versions": _package_versions(),
-    }
-    (folder / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2) + "\n")
-    (folder / MODEL_CARD_FILE).write_text(model_card(run, result.metrics))
-    run["files"] = manifest(folder, MODEL)
-    (folder / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
 
 
 # --- the orchestrator --------------------------------------------------------------------------------

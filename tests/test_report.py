@@ -273,8 +273,10 @@ def test_confusion_matrix_picture_scales_to_many_classes():
 
 
 def test_picture_labels_use_only_drawable_characters():
-    drawn = report._drawable("Große «café»\tœuvre 猫")
-    assert all(c.isascii() or report._has_glyph(c) for c in drawn)
+    from retrain.evaluation import confusion
+
+    drawn = confusion._drawable("Große «café»\tœuvre 猫")
+    assert all(c.isascii() or confusion._has_glyph(c) for c in drawn)
     assert drawn.startswith("Grosse ") and "caf" in drawn and drawn.endswith(" oeuvre ?")
     # names that collide once shortened or respelled are numbered as in the per-class table
     picture = report.render_confusion_matrix(["猫", "犬"], [[1, 0], [0, 1]])

@@ -57,27 +57,21 @@ def find_label_errors(images, out_of_fold: np.ndarray, classes: list[str]) -> li
 
 def write_label_error_page(errors: list[dict], folder: Path, classes: list[str]) -> Path:
     """``folder/label_errors.html`` with a thumbnail per listed image (``folder/label_errors/``)."""
-    from .report import _CSS, _e, _href, _load_thumbnail, _percent
+    from .html import _CSS, _percent, image_figure
+    from .report import _load_thumbnail
 
     (folder / THUMBNAILS).mkdir()
     figures = []
     for rank, item in enumerate(errors[:MAX_SHOWN], start=1):
         image, problem = _load_thumbnail(item["path"], THUMBNAIL_SIZE)
+        relative = None
         if image is not None:
             relative = f"{THUMBNAILS}/{rank:04d}.jpg"
             image.save(folder / relative, "JPEG", quality=85, optimize=True)
-            alt = f"in {item['class']}, looks like {item['looks_like']}"
-            thumb = f'<img src="{_href(relative)}" alt="{_e(alt)}" loading="lazy">'
-        else:
-            thumb = f'<div class="missing">no preview<br>{_e(problem or "")}</div>'
-        figures.append(
-            f'<figure class="mistake"><div class="thumb" style="height:{THUMBNAIL_SIZE}px">{thumb}</div>'
-            f'<figcaption><div class="path" title="{_e(item["path"])}">{_e(item["path"])}</div>'
-            f'<div class="row"><span>folder</span><span>{_e(item["class"])}</span></div>'
-            f'<div class="row"><span>looks like</span><span class="pred">{_e(item["looks_like"])}</span></div>'
-            f'<span class="conf">{_percent(item["confidence"])} (threshold {_percent(item["threshold"])})</span>'
-            '</figcaption></figure>'
-        )
+        figures.append(image_figure(
+            relative, f"in {item['class']}, looks like {item['looks_like']}", problem, item["path"],
+            [("folder", item["class"], False), ("looks like", item["looks_like"], True)],
+            f"{_percent(item['confidence'])} (threshold {_percent(item['threshold'])})", THUMBNAIL_SIZE))
     more = f" The first {MAX_SHOWN} are shown; run.json lists all." if len(errors) > MAX_SHOWN else ""
     page = f"""<!DOCTYPE html>
 <html lang="en">
