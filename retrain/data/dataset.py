@@ -224,9 +224,25 @@ def split_dataset(
     test_pct = 0.0 if test_dir else test_percent
     split = Split(classes=classes, train=[], validation=[], test=[], skipped=list(main.skipped), warnings=list(main.warnings))
 
-    # Identical content goes where its first copy (smallest bucket key) goes.
-    group_key: dict[str, str] = {}
+    group_key, assignment = _assign_by_hash(main.images, val_pct, test_pct)
+    for label, name in enumerate(classes):
+        _every_split_gets_one(main, split, label, name, group_key, assignment, val_pct, test_pct)
     for image in main.images:
+        getattr(split, assignment[image.content_hash]).append(image)
+    for target, folder in (("validation", validation_dir), ("test", test_dir)):
+        if folder:
+            _add_folder(split, target, folder, classes)
+    for label, name in enumerate(classes):
+        if not any(i.label == label for i in split.train):
+            raise DatasetError(f"class {name} has no training images left in {main.root}")
+    return split
+
+
+def _assign_by_hash(images, val_pct: float, test_pct: float) -> tuple[dict[str, str], dict[str, str]]:
+    """content hash -> the relative path that places it, and -> its split. Identical content goes
+    where its first copy (smallest path) goes."""
+    group_key: dict[str, str] = {}
+    for image in images:
         key = group_key.get(image.content_hash)
         if key is None or image.relpath < key:
             group_key[image.content_hash] = image.relpath
@@ -239,70 +255,68 @@ def split_dataset(
             assignment[content_hash] = "test"
         else:
             assignment[content_hash] = "train"
+    return group_key, assignment
 
+
+def _every_split_gets_one(main, split, label: int, name: str, group_key, assignment, val_pct: float,
+                          test_pct: float) -> None:
+    """Refuse a class too small for the splits in use (saying why: unusable or identical files),
+    then give it at least one image in each of them."""
     needed = 1 + (val_pct > 0) + (test_pct > 0)
-    for label, name in enumerate(classes):
-        members = [i for i in main.images if i.label == label]
-        identical = sum(1 for s in main.skipped if s.get("identical") and s.get("class") == name)
+    members = [i for i in main.images if i.label == label]
+    identical = sum(1 for s in main.skipped if s.get("identical") and s.get("class") == name)
+    if identical:
+        split.warnings.append(f"class {name}: {identical_files(len(members), identical)}")
+    if len(members) < needed:
+        what = "no images" if not members else f"{len(members)} usable image(s)"
+        unusable = [s for s in main.skipped if s.get("unusable") and s.get("class") == name]
+        if unusable:
+            what = f"{len(members)} usable image(s) ({len(unusable)} unusable, e.g. {unusable[0]['path']}: {unusable[0]['reason']})"
         if identical:
-            split.warnings.append(f"class {name}: {identical_files(len(members), identical)}")
-        if len(members) < needed:
-            what = "no images" if not members else f"{len(members)} usable image(s)"
-            unusable = [s for s in main.skipped if s.get("unusable") and s.get("class") == name]
-            if unusable:
-                what = f"{len(members)} usable image(s) ({len(unusable)} unusable, e.g. {unusable[0]['path']}: {unusable[0]['reason']})"
-            if identical:
-                what = f"{identical_files(len(members), identical)}" + (f" ({len(unusable)} unusable)" if unusable else "")
-            raise DatasetError(
-                f"class folder {Path(main.root) / name} has {what}: at least {needed} are needed "
-                f"to have one each in {', '.join(s for s, p in zip(SPLITS, (100, val_pct, test_pct)) if p > 0)}"
-            )
-        # Every class gets at least one image in each split in use: an empty split takes one from
-        # train when train can spare it, else from the fullest split (the hash may have sent two
-        # of three images to test). A whole _nohash_ subject moves when its split keeps another.
-        for target, pct in (("train", 100.0), ("validation", val_pct), ("test", test_pct)):
-            if pct <= 0 or any(assignment[i.content_hash] == target for i in members):
-                continue
-            by_split = {s: [i for i in members if assignment[i.content_hash] == s] for s in SPLITS if s != target}
-            donor = max(by_split, key=lambda s: (s == "train" and len(by_split[s]) >= 2, len(by_split[s])))
-            donors = by_split[donor]
-            if len({i.content_hash for i in donors}) < 2:
-                raise DatasetError(
-                    f"class folder {Path(main.root) / name} has too few distinct images to split "
-                    f"into {', '.join(SPLITS)}"
-                    + (f" ({identical_files(len(members), identical)})" if identical else "") + ": add more images"
-                )
-            chosen = min(donors, key=lambda i: (_bucket(group_key[i.content_hash]), i.relpath))
-            moving = [i for i in donors if _subject(i.relpath) == _subject(chosen.relpath)]
-            if len(moving) == len(donors):
-                moving = [chosen]
-            for image in moving:
-                assignment[image.content_hash] = target
-
-    for image in main.images:
-        getattr(split, assignment[image.content_hash]).append(image)
-
-    for target, folder in (("validation", validation_dir), ("test", test_dir)):
-        if not folder:
+            what = f"{identical_files(len(members), identical)}" + (f" ({len(unusable)} unusable)" if unusable else "")
+        raise DatasetError(
+            f"class folder {Path(main.root) / name} has {what}: at least {needed} are needed "
+            f"to have one each in {', '.join(s for s, p in zip(SPLITS, (100, val_pct, test_pct)) if p > 0)}"
+        )
+    # Every class gets at least one image in each split in use: an empty split takes one from
+    # train when train can spare it, else from the fullest split (the hash may have sent two
+    # of three images to test). A whole _nohash_ subject moves when its split keeps another.
+    for target, pct in (("train", 100.0), ("validation", val_pct), ("test", test_pct)):
+        if pct <= 0 or any(assignment[i.content_hash] == target for i in members):
             continue
-        extra = scan_folder(folder, classes=classes, role=f"{target} folder")
-        if not extra.images:
-            raise DatasetError(f"{target} folder {extra.root} has no usable images")
-        missing = [classes[l] for l in range(len(classes)) if not any(i.label == l for i in extra.images)]
-        if missing:
-            split.warnings.append(f"{target} folder {extra.root} has no images of: {', '.join(missing)}")
-        split.skipped.extend(extra.skipped)
-        split.warnings.extend(extra.warnings)
-        held_out = {i.content_hash for i in extra.images}
-        leaked = [i for i in split.train if i.content_hash in held_out]
-        if leaked:
-            split.warnings.append(
-                f"{len(leaked)} training image(s) also appear in the {target} folder and were left out of training"
+        by_split = {s: [i for i in members if assignment[i.content_hash] == s] for s in SPLITS if s != target}
+        donor = max(by_split, key=lambda s: (s == "train" and len(by_split[s]) >= 2, len(by_split[s])))
+        donors = by_split[donor]
+        if len({i.content_hash for i in donors}) < 2:
+            raise DatasetError(
+                f"class folder {Path(main.root) / name} has too few distinct images to split "
+                f"into {', '.join(SPLITS)}"
+                + (f" ({identical_files(len(members), identical)})" if identical else "") + ": add more images"
             )
-            split.train = [i for i in split.train if i.content_hash not in held_out]
-            split.skipped.extend({"path": i.path, "reason": f"same content is in the {target} folder"} for i in leaked)
-        getattr(split, target).extend(extra.images)
-    for label, name in enumerate(classes):
-        if not any(i.label == label for i in split.train):
-            raise DatasetError(f"class {name} has no training images left in {main.root}")
-    return split
+        chosen = min(donors, key=lambda i: (_bucket(group_key[i.content_hash]), i.relpath))
+        moving = [i for i in donors if _subject(i.relpath) == _subject(chosen.relpath)]
+        if len(moving) == len(donors):
+            moving = [chosen]
+        for image in moving:
+            assignment[image.content_hash] = target
+
+
+def _add_folder(split, target: str, folder, classes) -> None:
+    """An explicit --validation-dir / --test-dir: its images join ``target``; training copies of them leave training."""
+    extra = scan_folder(folder, classes=classes, role=f"{target} folder")
+    if not extra.images:
+        raise DatasetError(f"{target} folder {extra.root} has no usable images")
+    missing = [classes[l] for l in range(len(classes)) if not any(i.label == l for i in extra.images)]
+    if missing:
+        split.warnings.append(f"{target} folder {extra.root} has no images of: {', '.join(missing)}")
+    split.skipped.extend(extra.skipped)
+    split.warnings.extend(extra.warnings)
+    held_out = {i.content_hash for i in extra.images}
+    leaked = [i for i in split.train if i.content_hash in held_out]
+    if leaked:
+        split.warnings.append(
+            f"{len(leaked)} training image(s) also appear in the {target} folder and were left out of training"
+        )
+        split.train = [i for i in split.train if i.content_hash not in held_out]
+        split.skipped.extend({"path": i.path, "reason": f"same content is in the {target} folder"} for i in leaked)
+    getattr(split, target).extend(extra.images)

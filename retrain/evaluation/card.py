@@ -56,11 +56,21 @@ def _training_lines(run: dict) -> list[str]:
 
 
 def model_card(run: dict, metrics: dict) -> str:
+    """The output folder's README.md: what made the model, on what, how well, and how to run it."""
+    module = run["module"]
+    spec = module["input_spec"]
+    fine_tuned = module.get("weights_changed", False)
+    lines = (_module_lines(run, fine_tuned) + ["", "## Training", ""] + _training_lines(run)
+             + _class_lines(run) + _metric_lines(metrics, fine_tuned)
+             + _io_lines(spec["height"], spec["width"], len(run["classes"]))
+             + _snippet_lines(spec["height"], spec["width"]))
+    return "\n".join(lines)
+
+
+def _module_lines(run: dict, fine_tuned: bool) -> list[str]:
     module = run["module"]
     spec = module["input_spec"]
     height, width = spec["height"], spec["width"]
-    classes = run["classes"]
-    fine_tuned = module.get("weights_changed", False)
     made = ("a new softmax head on an image module, then the module's weights fine-tuned with it" if fine_tuned
             else "a new softmax head on a frozen image module")
     lines = [
@@ -79,7 +89,12 @@ def model_card(run: dict, metrics: dict) -> str:
     if fine_tuned:
         lines.append(f"- weights: fine-tuned here, so they differ from the module's files; SHA-256 of the exported "
                      f"weights: `{module['weights_fingerprint']}`")
-    lines += ["", "## Training", ""] + _training_lines(run) + [
+    return lines
+
+
+def _class_lines(run: dict) -> list[str]:
+    classes = run["classes"]
+    lines = [
         "",
         f"## Classes ({len(classes)})",
         "",
@@ -90,7 +105,12 @@ def model_card(run: dict, metrics: dict) -> str:
         counts = run["split_per_class"].get(name, {})
         lines.append(f"| {index} | {name} | {counts.get('train', 0)} | {counts.get('validation', 0)} | {counts.get('test', 0)} |")
     lines += ["", f"Split (stable, by file-name hash): {run['split']['train']} train, {run['split']['validation']} validation, "
-              f"{run['split']['test']} test images.", "", "## Metrics", ""]
+              f"{run['split']['test']} test images."]
+    return lines
+
+
+def _metric_lines(metrics: dict, fine_tuned: bool) -> list[str]:
+    lines = ["", "## Metrics", ""]
     if "cross_validation" in metrics:
         cv = metrics["cross_validation"]
         lines.append(f"- cross-validated accuracy ({cv['folds']} folds on the training images): {_with_interval(cv)}")
@@ -106,19 +126,28 @@ def model_card(run: dict, metrics: dict) -> str:
         for name, row in metrics["tflite"].items():
             lines.append(f"| `{row['file']}` | {TFLITE_FORMATS[name].description} | {row['size_bytes'] / 1e6:.2f} MB | "
                          f"{_pct(row['accuracy'])} | {_pct(row['agreement'])} | {row['ms_per_image']:.2f} ms |")
-    lines += [
+    return lines
+
+
+def _io_lines(height: int, width: int, n_classes: int) -> list[str]:
+    return [
         "",
         "## Input and output",
         "",
         f"- SavedModel `saved_model/`, signature `serving_default`: `images` uint8 `[batch, height, width, 3]` RGB of any "
         "size (resized inside the model, bilinear, exactly as in training) -> `probabilities` float32 `[batch, "
-        f"{len(classes)}]` in `labels.txt` order. Signature `serving_fixed` takes images already resized to {height}x{width}.",
+        f"{n_classes}]` in `labels.txt` order. Signature `serving_fixed` takes images already resized to {height}x{width}.",
         f"- TFLite files: input uint8 `[1, {height}, {width}, 3]` RGB; the app resizes the image to {height}x{width} "
         "(bilinear with half-pixel centres and no antialiasing, as `tf.image.resize`; no crop, aspect ratio not kept) "
         "before calling the model, as the snippet below does. Output: probabilities `[1, "
-        f"{len(classes)}]` (float32; uint8 with scale 1/256 in the int8 file). The labels are inside each file "
+        f"{n_classes}]` (float32; uint8 with scale 1/256 in the int8 file). The labels are inside each file "
         "(TFLite metadata, output tensor associated file `labels.txt`) and beside it in `labels.txt`.",
         "",
+    ]
+
+
+def _snippet_lines(height: int, width: int) -> list[str]:
+    return [
         "## Run it",
         "",
         "Python (SavedModel):",
@@ -171,4 +200,3 @@ def model_card(run: dict, metrics: dict) -> str:
         "Full configuration, package versions and skipped files: `run.json`; all figures: `metrics.json`.",
         "",
     ]
-    return "\n".join(lines)
