@@ -45,9 +45,6 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
     """(Re)write TFLite variants of an output folder from its SavedModel, check each on the run's
     test split (recomputed from run.json: the split is stable) and update metrics.json and the
     model card. Returns {"artifacts": {format: path}, "tflite": {format: figures}, "warnings": [...]}."""
-    from .data.dataset import scan_folder
-    from .features.module import InputSpec, ModuleInfo
-
     output = Path(output).expanduser()
     run = read_run_info(output)
     if not MODEL.owns(run):
@@ -61,30 +58,16 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
     saved_model = output / SAVED_MODEL_DIR
     if not (saved_model / "saved_model.pb").exists():
         raise ModelError(f"{output} has no {SAVED_MODEL_DIR}/: not a retrain output folder")
-    classes = run["classes"]
-    config = run["config"]
-    spec_data = run["module"]["input_spec"]
-    spec = InputSpec(**{**spec_data, "value_range": tuple(spec_data["value_range"])})
-    known = {f.name for f in dataclasses.fields(ModuleInfo)}  # run.json's module record has more (weights_changed...)
-    info = ModuleInfo(**{**{k: v for k, v in run["module"].items() if k in known}, "input_spec": spec})
+    config, info = run["config"], _module_info(run)
     split = None
     if Path(run["image_dir"]).is_dir():
         split = split_dataset(run["image_dir"], config["validation_percent"], config["test_percent"],
                               config.get("validation_dir"), config.get("test_dir"))
     representative = None
     if any(f.needs_representative for f in fmts):
-        if representative_dir or split is None:
-            source = representative_dir or run["image_dir"]
-            scan = scan_folder(source, classes=classes, role="representative folder")
-            if not scan.images:
-                raise DatasetError(f"representative folder {scan.root} has no usable images")
-            candidates = scan.images
-        else:
-            candidates = split.train  # as in training: calibration never sees test images
-        count = calibration_samples or config.get("calibration_samples", 200)
-        representative = representative_images(candidates, spec, count, config.get("seed", 0), 64)
+        representative = _calibration(run, split, representative_dir, calibration_samples, info.input_spec)
     test_images = split.test if split is not None else []
-    test = test_set(saved_model, test_images, spec, 64) if test_images else TestSet([], None, None, None)
+    test = test_set(saved_model, test_images, info.input_spec, 64) if test_images else TestSet([], None, None, None)
     threshold = config.get("max_accuracy_drop", 2.0) if max_accuracy_drop is None else max_accuracy_drop
     metrics_path = output / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -92,24 +75,55 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
     scratch = make_stage(output_target(output))  # beside the folder: a killed run leaves nothing inside it
     try:
         paths, figures, warnings = write_tflite_variants(
-            saved_model, scratch, [f.name for f in fmts], classes, representative, test, threshold,
-            tflite_metadata(info, classes, run["module"].get("weights_changed", False)), previous_float32,
+            saved_model, scratch, [f.name for f in fmts], run["classes"], representative, test, threshold,
+            tflite_metadata(info, run["classes"], run["module"].get("weights_changed", False)), previous_float32,
         )
         written = {}
         for name, path in paths.items():
-            final = output / path.name
-            os.replace(path, final)
-            written[name] = str(final)
+            os.replace(path, output / path.name)
+            written[name] = str(output / path.name)
     finally:
         remove_stage(scratch)
-    if isinstance(run.get("files"), list):
-        run["files"] = sorted(set(run["files"]) | {Path(p).name for p in written.values()})
-        write_atomic(output / RUN_FILE, json.dumps(run, indent=2) + "\n")
     if split is None:
         warnings.append(f"training folder {run['image_dir']} is gone: the new files were not checked on the test split")
     elif not test_images:
         warnings.append("the run has no test split: the new files were not checked")
-    metrics.setdefault("tflite", {}).update(figures)
-    write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    write_atomic(output / MODEL_CARD_FILE, model_card(run, metrics))
+    _update_records(output, run, metrics, figures, written)
     return {"artifacts": written, "tflite": figures, "warnings": warnings}
+
+
+def _module_info(run: dict):
+    """The module record of run.json as a ModuleInfo (the record has more: weights_changed...)."""
+    from .features.module import InputSpec, ModuleInfo
+
+    spec_data = run["module"]["input_spec"]
+    spec = InputSpec(**{**spec_data, "value_range": tuple(spec_data["value_range"])})
+    known = {f.name for f in dataclasses.fields(ModuleInfo)}
+    return ModuleInfo(**{**{k: v for k, v in run["module"].items() if k in known}, "input_spec": spec})
+
+
+def _calibration(run: dict, split, representative_dir, samples: int | None, spec) -> list:
+    """int8 calibration images: from --representative, else the training split (as in training:
+    calibration never sees test images), else the image folder when its split is gone."""
+    from .data.dataset import scan_folder
+
+    config = run["config"]
+    if representative_dir or split is None:
+        scan = scan_folder(representative_dir or run["image_dir"], classes=run["classes"], role="representative folder")
+        if not scan.images:
+            raise DatasetError(f"representative folder {scan.root} has no usable images")
+        candidates = scan.images
+    else:
+        candidates = split.train
+    return representative_images(candidates, spec, samples or config.get("calibration_samples", 200),
+                                 config.get("seed", 0), 64)
+
+
+def _update_records(output: Path, run: dict, metrics: dict, figures: dict, written: dict) -> None:
+    """run.json's file list, metrics.json's TFLite table and the model card, each written atomically."""
+    if isinstance(run.get("files"), list):
+        run["files"] = sorted(set(run["files"]) | {Path(p).name for p in written.values()})
+        write_atomic(output / RUN_FILE, json.dumps(run, indent=2) + "\n")
+    metrics.setdefault("tflite", {}).update(figures)
+    write_atomic(output / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_atomic(output / MODEL_CARD_FILE, model_card(run, metrics))

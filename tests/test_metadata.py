@@ -6,7 +6,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from retrain.serving.metadata import METADATA_NAME, add_metadata, read_metadata
+from retrain.serving.metadata import METADATA_NAME, add_metadata
+from retrain.serving.metadata_reader import read_metadata
 
 LABELS = ["blue", "green", "red"]
 SIZE = 16

@@ -227,6 +227,6 @@ def export_tflite(
 
 def read_tflite_labels(tflite_path: str | Path) -> list[str] | None:
     """The labels packed inside a .tflite file, or None."""
-    from .metadata import read_zip_labels
+    from .metadata_reader import read_zip_labels
 
     return read_zip_labels(Path(tflite_path).read_bytes(), LABELS_FILE)
