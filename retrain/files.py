@@ -27,18 +27,28 @@ def _alive(pid: int) -> bool:
 def make_stage(target: Path) -> Path:
     """Create the hidden folder ``.<name>.partial-<pid>-<id>`` beside ``target`` to write into.
 
-    Staging folders left by processes that no longer run (killed mid-write) are removed first:
-    only folders with that name that carry the staging mark, so nothing else is ever taken for one.
+    The folder gets its staging mark before it takes that name (it is made as ``.staging-...``
+    and renamed), so a run killed at any moment leaves either a marked ``.partial-`` folder or
+    an unmarked ``.staging-`` one holding nothing but the mark. Leftovers of processes that no
+    longer run are removed first: marked folders with those names, and empty ``.staging-`` ones;
+    nothing else is ever taken for one.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in target.parent.glob(f".{target.name}.partial-*"):
-        pid = leftover.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
-        if (pid.isdigit() and not _alive(int(pid)) and leftover.is_dir() and not leftover.is_symlink()
-                and (leftover / STAGE_MARK).is_file()):
-            shutil.rmtree(leftover, ignore_errors=True)
-    stage = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    (stage / STAGE_MARK).write_text("staging folder of a running retrain command\n")
+    for kind in ("partial", "staging"):
+        for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = leftover.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0]
+            if not (pid.isdigit() and not _alive(int(pid)) and leftover.is_dir() and not leftover.is_symlink()):
+                continue
+            if (leftover / STAGE_MARK).is_file():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif kind == "staging" and not any(leftover.iterdir()):
+                leftover.rmdir()
+    name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    making = target.parent / f".{target.name}.staging-{name}"
+    making.mkdir()
+    (making / STAGE_MARK).write_text("staging folder of a running retrain command\n")
+    stage = target.parent / f".{target.name}.partial-{name}"
+    os.replace(making, stage)  # a new, unique name: nothing is there to be replaced
     return stage
 
 

@@ -275,10 +275,15 @@ def test_staging_leftovers_are_removed_only_when_marked(tmp_path):
     before = snapshot(mine)
     leftover = make_stage(target)
     leftover.rename(tmp_path / f".out.partial-{dead}-0badcafe")
+    (tmp_path / f".out.staging-{dead}-00000000").mkdir()  # killed between mkdir and its mark: empty
+    theirs = user_folder(tmp_path / f".out.staging-{dead}-11111111")
+    theirs_before = snapshot(theirs)
     stage = make_stage(target)
-    assert snapshot(mine) == before
+    assert snapshot(mine) == before and snapshot(theirs) == theirs_before
     assert not (tmp_path / f".out.partial-{dead}-0badcafe").exists()
-    assert stage.is_dir()
+    assert not (tmp_path / f".out.staging-{dead}-00000000").exists()
+    assert stage.is_dir() and (stage / ".retrain-stage").is_file()
+    assert not list(tmp_path.glob(f".out.staging-{os.getpid()}-*"))
 
 
 def test_the_final_move_checks_the_target_again(tmp_path):
@@ -304,7 +309,7 @@ DELETING_CALLS = {
                   "(refused when that name is not the tool's)", "export over a user's file"),
     "features/bottlenecks.py": (3, "a damaged shard set aside; its own temporary shard; (write) only inside a tagged cache",
                        "test_cache_clear_removes_only_the_cache_files"),
-    "files.py": (9, "staging folders with the stage mark; the earlier output after why_not_replaceable; "
+    "files.py": (11, "staging folders with the stage mark; the earlier output after why_not_replaceable; "
                     "write_atomic's own temporary file", "test_staging_leftovers_are_removed_only_when_marked"),
     "safety.py": (2, "cache entry files with the cache's names, then the entry folder when empty",
                   "test_stale_temporaries_are_only_the_cache_own"),

@@ -192,6 +192,3 @@ def render_confusion_matrix(classes: list[str], matrix) -> Image.Image:
     else:
         _draw_text(draw, (margin, grid_top), "no classes", small_font, _GREY)
     return image
-
-
-# --- page --------------------------------------------------------------------------------------

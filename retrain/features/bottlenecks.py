@@ -237,57 +237,69 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
     if not todo:
         return result
     spec = module.info.input_spec
-    forward = module.pixel_features
     todo_keys = [image.content_hash for image in todo]
-    pending_keys: list[str] = []
-    pending_vectors: list[np.ndarray] = []
-
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-    writing = None
-
-    def flush():
-        nonlocal writing
-        if pending_keys:
-            if writing is not None:
-                writing.result()  # one shard in flight at most: memory stays bounded
-            writing = writer.submit(cache.write, list(pending_keys), np.concatenate(pending_vectors))
-            pending_keys.clear()
-            pending_vectors.clear()
-
-    def store_batch(indices, features):
-        keys = [todo_keys[index] for index in indices.tolist()]
-        vectors = features.numpy()
-        store.add(keys, vectors)
-        pending_keys.extend(keys)
-        pending_vectors.append(vectors)
-        if len(pending_keys) >= SHARD_SIZE:
-            flush()
-
-    try:
-        with progress.bar(total=len(todo), desc="bottlenecks", unit="img") as bar:
-            batches = iter_image_batches(
-                [i.path for i in todo], [i.decoder for i in todo], spec.height, spec.width, batch_size, as_tensors=True
-            )
-            in_flight = None  # the batch the module is computing; read back after the next one is queued
-            for indices, pixels, skipped in batches:
-                for index, reason in skipped:
-                    result.skipped.append({"path": todo[index].path, "reason": reason})
-                if pixels is not None and len(indices):
-                    if augment is not None:
-                        pixels = augment(pixels, [todo_keys[index] for index in indices.tolist()])
-                    computing = (indices, forward(pixels))
-                    if in_flight is not None:
-                        store_batch(*in_flight)
-                    in_flight = computing
-                bar.update(len(indices) + len(skipped))
-            if in_flight is not None:
-                store_batch(*in_flight)
-            flush()
-            if writing is not None:
-                writing.result()
-    finally:
-        writer.shutdown(wait=True)
+    with _ShardWriter(cache, store) as shards, progress.bar(total=len(todo), desc="bottlenecks", unit="img") as bar:
+        batches = iter_image_batches(
+            [i.path for i in todo], [i.decoder for i in todo], spec.height, spec.width, batch_size, as_tensors=True
+        )
+        in_flight = None  # the batch the module is computing; read back after the next one is queued
+        for indices, pixels, skipped in batches:
+            for index, reason in skipped:
+                result.skipped.append({"path": todo[index].path, "reason": reason})
+            if pixels is not None and len(indices):
+                keys = [todo_keys[index] for index in indices.tolist()]
+                if augment is not None:
+                    pixels = augment(pixels, keys)
+                computing = (keys, module.pixel_features(pixels))
+                if in_flight is not None:
+                    shards.add(*in_flight)
+                in_flight = computing
+            bar.update(len(indices) + len(skipped))
+        if in_flight is not None:
+            shards.add(*in_flight)
     return result
+
+
+class _ShardWriter:
+    """Adds computed vectors to the run's store and writes them to the cache in shards of
+    ``SHARD_SIZE``, on another thread, one shard in flight at most (memory stays bounded).
+    Leaving the block writes what is left and waits for it."""
+
+    def __init__(self, cache: BottleneckCache, store: VectorStore):
+        self.cache, self.store = cache, store
+        self.keys: list[str] = []
+        self.vectors: list[np.ndarray] = []
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.writing = None
+
+    def __enter__(self):
+        return self
+
+    def add(self, keys: list[str], features) -> None:
+        vectors = features.numpy()
+        self.store.add(keys, vectors)
+        self.keys.extend(keys)
+        self.vectors.append(vectors)
+        if len(self.keys) >= SHARD_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.keys:
+            if self.writing is not None:
+                self.writing.result()
+            self.writing = self.writer.submit(self.cache.write, list(self.keys), np.concatenate(self.vectors))
+            self.keys.clear()
+            self.vectors.clear()
+
+    def __exit__(self, kind, value, traceback):
+        try:
+            if kind is None:
+                self._flush()
+                if self.writing is not None:
+                    self.writing.result()
+        finally:
+            self.writer.shutdown(wait=True)
+        return False
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:

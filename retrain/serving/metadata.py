@@ -86,30 +86,12 @@ def add_metadata(
             "writing TFLite metadata needs ai-edge-litert (its TFLite flatbuffer schema); "
             "install ai-edge-litert or pack labels.txt without metadata"
         ) from error
-    labels = [str(label) for label in labels]
-    if not labels:
-        raise ValueError("labels must not be empty")
-    for label in labels:
-        if not label or "\n" in label or "\r" in label:
-            raise ValueError(f"label {label!r} cannot be written as one line of labels.txt")
-
+    labels = _checked_labels(labels)
     data = bytes(flatbuffer)
     if data[4:8] != TFLITE_FILE_IDENTIFIER:
         raise ValueError("not a TFLite flatbuffer (file identifier is not TFL3)")
     model = _unpack_model(data, schema)
-
-    if not model.subgraphs:
-        raise ValueError("the model has no subgraph")
-    graph = model.subgraphs[0]
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        raise ValueError(
-            f"an image classifier has one input and one output; this model has "
-            f"{len(graph.inputs)} and {len(graph.outputs)}")
-    input_tensor = graph.tensors[graph.inputs[0]]
-    output_tensor = graph.tensors[graph.outputs[0]]
-    output_shape = [int(d) for d in (output_tensor.shape if output_tensor.shape is not None else [])]
-    if output_shape and output_shape[-1] != len(labels):
-        raise ValueError(f"the output has {output_shape[-1]} classes but {len(labels)} labels were given")
+    graph, input_tensor, output_tensor = _classifier_tensors(model, len(labels))
 
     metadata = _build_model_metadata(
         labels_file=LABELS_FILE,
@@ -129,11 +111,48 @@ def add_metadata(
         model.signatureDefs = [_signature_def(schema, key, (input_name, graph.inputs[0]), (output_name, graph.outputs[0]))]
         _tidy_tensor_names(model)
 
+    _put_metadata(model, schema, metadata)
+    packed = _pack_model(model, schema)
+    out = io.BytesIO()
+    out.write(packed)
+    with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(LABELS_FILE, "\n".join(labels) + "\n")
+    return out.getvalue()
+
+
+def _checked_labels(labels) -> list[str]:
+    labels = [str(label) for label in labels]
+    if not labels:
+        raise ValueError("labels must not be empty")
+    for label in labels:
+        if not label or "\n" in label or "\r" in label:
+            raise ValueError(f"label {label!r} cannot be written as one line of labels.txt")
+    return labels
+
+
+def _classifier_tensors(model, n_labels: int):
+    """(subgraph, input tensor, output tensor) of an image classifier with ``n_labels`` classes."""
+    if not model.subgraphs:
+        raise ValueError("the model has no subgraph")
+    graph = model.subgraphs[0]
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ValueError(
+            f"an image classifier has one input and one output; this model has "
+            f"{len(graph.inputs)} and {len(graph.outputs)}")
+    input_tensor = graph.tensors[graph.inputs[0]]
+    output_tensor = graph.tensors[graph.outputs[0]]
+    output_shape = [int(d) for d in (output_tensor.shape if output_tensor.shape is not None else [])]
+    if output_shape and output_shape[-1] != n_labels:
+        raise ValueError(f"the output has {output_shape[-1]} classes but {n_labels} labels were given")
+    return graph, input_tensor, output_tensor
+
+
+def _put_metadata(model, schema, metadata: bytes) -> None:
+    """Store ``metadata`` in a model buffer named TFLITE_METADATA (replacing one written before)."""
     buffer = schema.BufferT()
     buffer.data = metadata
     model.buffers = list(model.buffers or [])
-    entries = list(model.metadata or [])
-    entries = [entry for entry in entries if _text(entry.name) != METADATA_NAME]
+    entries = [entry for entry in (model.metadata or []) if _text(entry.name) != METADATA_NAME]
     old = [int(entry.buffer) for entry in model.metadata or [] if _text(entry.name) == METADATA_NAME]
     in_use = {int(tensor.buffer) for subgraph in model.subgraphs for tensor in subgraph.tensors or []}
     in_use |= {int(entry.buffer) for entry in entries}
@@ -147,13 +166,6 @@ def add_metadata(
     entry.name = METADATA_NAME
     entry.buffer = index
     model.metadata = entries + [entry]
-
-    packed = _pack_model(model, schema)
-    out = io.BytesIO()
-    out.write(packed)
-    with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(LABELS_FILE, "\n".join(labels) + "\n")
-    return out.getvalue()
 
 
 def _tidy_tensor_names(model) -> None:
@@ -243,16 +255,18 @@ def _pack_model(model, schema) -> bytes:
     return bytes(builder.Output())
 
 
-def _build_model_metadata(*, labels_file, height, width, name, description, version, input_description,
-                          output_description, input_type, output_type) -> bytes:
-    """The ModelMetadata flatbuffer (metadata_schema.fbs), written field by field."""
-    b = flatbuffers.Builder(1024)
+class _Writer:
+    """A flatbuffers Builder with the few table and vector writers the metadata schema needs."""
 
-    def string(value):
-        return b.CreateString(value) if value is not None else None
+    def __init__(self):
+        self.b = flatbuffers.Builder(1024)
 
-    def table(num_fields, fields):
+    def string(self, value):
+        return self.b.CreateString(value) if value is not None else None
+
+    def table(self, num_fields, fields):
         """fields: (slot, kind, value) with kind "offset", "int8", "uint8" or "uint32"; None values skipped."""
+        b = self.b
         b.StartObject(num_fields)
         for slot, kind, value in fields:
             if value is None:
@@ -269,19 +283,19 @@ def _build_model_metadata(*, labels_file, height, width, name, description, vers
                 raise AssertionError(kind)
         return b.EndObject()
 
-    def offsets_vector(offsets):
-        b.StartVector(4, len(offsets), 4)
+    def offsets(self, offsets):
+        self.b.StartVector(4, len(offsets), 4)
         for offset in reversed(offsets):
-            b.PrependUOffsetTRelative(offset)
-        return b.EndVector()
+            self.b.PrependUOffsetTRelative(offset)
+        return self.b.EndVector()
 
-    def floats_vector(values):
-        b.StartVector(4, len(values), 4)
+    def floats(self, values):
+        self.b.StartVector(4, len(values), 4)
         for value in reversed(values):
-            b.PrependFloat32(float(value))
-        return b.EndVector()
+            self.b.PrependFloat32(float(value))
+        return self.b.EndVector()
 
-    def stats(tensor_type, float_range):
+    def stats(self, tensor_type, float_range):
         """Stats{max:[float] (0), min:[float] (1)}: the value range, as MediaPipe's writers record it."""
         if tensor_type == _UINT8:
             low, high = 0.0, 255.0
@@ -291,45 +305,53 @@ def _build_model_metadata(*, labels_file, height, width, name, description, vers
             low, high = float_range
         else:
             return None
-        maximum, minimum = floats_vector([high]), floats_vector([low])
-        return table(2, [(0, "offset", maximum), (1, "offset", minimum)])
+        maximum, minimum = self.floats([high]), self.floats([low])
+        return self.table(2, [(0, "offset", maximum), (1, "offset", minimum)])
 
-    # input: TensorMetadata{name 0, description 1, dimension_names 2, content 3, process_units 4,
-    #   stats 5, associated_files 6}; Content{content_properties_type 0, content_properties 1,
-    #   range 2}; ImageProperties{color_space 0, default_size 1}; ImageSize{width 0, height 1}
-    input_name, input_desc = string(INPUT_NAME), string(input_description)
-    image_size = table(2, [(0, "uint32", width), (1, "uint32", height)])
-    image_properties = table(2, [(0, "int8", RGB), (1, "offset", image_size)])
-    input_content = table(3, [(0, "uint8", IMAGE_PROPERTIES), (1, "offset", image_properties)])
-    input_stats = stats(input_type, None)  # float input: no normalization is recorded, so no range
-    input_metadata = table(7, [(0, "offset", input_name), (1, "offset", input_desc), (3, "offset", input_content),
-                               (5, "offset", input_stats)])
 
-    # output: probabilities over the labels; AssociatedFile{name 0, description 1, type 2, locale 3, version 4}
-    file_name = string(labels_file)
-    file_desc = string("Labels for categories that the model can recognize.")
-    labels_entry = table(5, [(0, "offset", file_name), (1, "offset", file_desc), (2, "int8", TENSOR_AXIS_LABELS)])
-    output_files = offsets_vector([labels_entry])
-    output_name, output_desc = string(OUTPUT_NAME), string(output_description)
-    feature_properties = table(0, [])
-    output_content = table(3, [(0, "uint8", FEATURE_PROPERTIES), (1, "offset", feature_properties)])
-    output_stats = stats(output_type, (0.0, 1.0))
-    output_metadata = table(7, [(0, "offset", output_name), (1, "offset", output_desc), (3, "offset", output_content),
-                                (5, "offset", output_stats), (6, "offset", output_files)])
+def _input_metadata(w: _Writer, height: int, width: int, description: str, input_type: int):
+    # TensorMetadata{name 0, description 1, dimension_names 2, content 3, process_units 4, stats 5,
+    #   associated_files 6}; Content{content_properties_type 0, content_properties 1, range 2};
+    #   ImageProperties{color_space 0, default_size 1}; ImageSize{width 0, height 1}
+    name, text = w.string(INPUT_NAME), w.string(description)
+    image_size = w.table(2, [(0, "uint32", width), (1, "uint32", height)])
+    image_properties = w.table(2, [(0, "int8", RGB), (1, "offset", image_size)])
+    content = w.table(3, [(0, "uint8", IMAGE_PROPERTIES), (1, "offset", image_properties)])
+    stats = w.stats(input_type, None)  # float input: no normalization is recorded, so no range
+    return w.table(7, [(0, "offset", name), (1, "offset", text), (3, "offset", content), (5, "offset", stats)])
 
+
+def _output_metadata(w: _Writer, labels_file: str, description: str, output_type: int):
+    # probabilities over the labels; AssociatedFile{name 0, description 1, type 2, locale 3, version 4}
+    file_name = w.string(labels_file)
+    file_desc = w.string("Labels for categories that the model can recognize.")
+    labels_entry = w.table(5, [(0, "offset", file_name), (1, "offset", file_desc), (2, "int8", TENSOR_AXIS_LABELS)])
+    files = w.offsets([labels_entry])
+    name, text = w.string(OUTPUT_NAME), w.string(description)
+    content = w.table(3, [(0, "uint8", FEATURE_PROPERTIES), (1, "offset", w.table(0, []))])
+    stats = w.stats(output_type, (0.0, 1.0))
+    return w.table(7, [(0, "offset", name), (1, "offset", text), (3, "offset", content), (5, "offset", stats),
+                       (6, "offset", files)])
+
+
+def _build_model_metadata(*, labels_file, height, width, name, description, version, input_description,
+                          output_description, input_type, output_type) -> bytes:
+    """The ModelMetadata flatbuffer (metadata_schema.fbs), written field by field."""
+    w = _Writer()
+    input_metadata = _input_metadata(w, height, width, input_description, input_type)
+    output_metadata = _output_metadata(w, labels_file, output_description, output_type)
     # SubGraphMetadata{name 0, description 1, input_tensor_metadata 2, output_tensor_metadata 3, ...(10 fields)}
-    inputs, outputs = offsets_vector([input_metadata]), offsets_vector([output_metadata])
-    subgraph = table(10, [(2, "offset", inputs), (3, "offset", outputs)])
-
+    inputs, outputs = w.offsets([input_metadata]), w.offsets([output_metadata])
+    subgraph = w.table(10, [(2, "offset", inputs), (3, "offset", outputs)])
     # ModelMetadata{name 0, description 1, version 2, subgraph_metadata 3, author 4, license 5,
     #   associated_files 6, min_parser_version 7}
-    model_name, model_desc, model_version = string(name), string(description), string(version)
-    subgraphs = offsets_vector([subgraph])
-    parser_version = string(MIN_PARSER_VERSION)
-    root = table(8, [(0, "offset", model_name), (1, "offset", model_desc), (2, "offset", model_version),
-                     (3, "offset", subgraphs), (7, "offset", parser_version)])
-    b.Finish(root, file_identifier=METADATA_FILE_IDENTIFIER)
-    return bytes(b.Output())
+    model_name, model_desc, model_version = w.string(name), w.string(description), w.string(version)
+    subgraphs = w.offsets([subgraph])
+    parser_version = w.string(MIN_PARSER_VERSION)
+    root = w.table(8, [(0, "offset", model_name), (1, "offset", model_desc), (2, "offset", model_version),
+                       (3, "offset", subgraphs), (7, "offset", parser_version)])
+    w.b.Finish(root, file_identifier=METADATA_FILE_IDENTIFIER)
+    return bytes(w.b.Output())
 
 
 __all__ = ["add_metadata", "METADATA_NAME", "LABELS_FILE"]
