@@ -46,3 +46,16 @@ def test_the_exit_codes_listed_are_the_ones_the_cli_uses():
     used = {0, 1, 2}  # success, ClickException (RetrainError), click's usage errors
     used |= {int(code) for code in re.findall(r"ctx\.exit\((\d+)\)", cli_source)}
     assert listed == sorted(used)
+
+
+def test_the_format_table_drives_the_choices_and_the_docs():
+    from retrain.cli import EXPORT_FORMATS, QUANTIZE_CHOICES
+    from retrain.serving.tflite import TFLITE_FORMATS
+
+    section = _section("Commands")
+    assert set(EXPORT_FORMATS.values()) == set(TFLITE_FORMATS)
+    assert set(QUANTIZE_CHOICES) == (set(TFLITE_FORMATS) - {"float32"}) | {"none"}
+    export_line = next(line for line in section.splitlines() if line.startswith("retrain export"))
+    assert set(export_line.split("--format ", 1)[1].split()[0].rstrip(".").split("|")) == set(EXPORT_FORMATS)
+    quantize = section.split("--quantize ", 1)[1].split("]")[0]
+    assert set(quantize.split("|")) == set(QUANTIZE_CHOICES)

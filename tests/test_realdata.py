@@ -68,6 +68,7 @@ def test_readme_quick_start_on_cats_and_dogs(real_data, tmp_path):
     predicted = run(commands[3], out, cache)
     assert predicted.returncode == 0, predicted.stderr
     assert re.match(r".*cat\.2000\.jpg: cats \d\.\d{4}, dogs \d\.\d{4}$", predicted.stdout.strip())
+    _model_card_snippets_agree_on_a_real_photo(out, SHARED_DATA / "cats_and_dogs_filtered" / "validation" / "dogs" / "dog.2003.jpg")
 
     second = run(commands[4], out, cache)
     assert second.returncode == 0, second.stderr
@@ -89,3 +90,26 @@ def test_readme_python_example(real_data, tmp_path):
     assert "'misses': 90" in lines[0]
     assert lines[-1].startswith("sample_data/circle/circle_000.jpg [{'class': ")
     assert (tmp_path / "out" / "shapes" / "model.tflite").exists()
+
+
+def _model_card_snippets_agree_on_a_real_photo(out: Path, photo: Path) -> None:
+    """Both snippets of the model card (SavedModel, LiteRT) on a real 500x375-ish photo name the
+    class the tool predicts, with its probability (to JPEG decoders' rounding: Pillow in the
+    snippets, TensorFlow in the tool)."""
+    import shutil
+
+    import retrain
+
+    card = (out / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 2
+    shutil.copy(photo, out / "photo.jpg")
+    try:
+        wanted = [retrain.predict(out, [photo])[0].top[0], retrain.predict(out / "model.tflite", [photo])[0].top[0]]
+        for code, want in zip(snippets, wanted):
+            done = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            name, probability = done.stdout.split()
+            assert name == want["class"] and abs(float(probability) - want["probability"]) < 0.01
+    finally:
+        (out / "photo.jpg").unlink()
