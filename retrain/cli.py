@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from . import __version__, progress
 from .config import AUGMENT_COPIES, CLASS_WEIGHTS, HEADS, TrainConfig
+from .cli_text import accuracy, balance_line, fine_tune_line, head_line, label_errors_line, tflite_table
 from .errors import RetrainError
 from .serving.tflite import TFLITE_FORMATS
 
@@ -49,17 +49,6 @@ def _loud(warnings) -> None:
     """Warnings go to stderr in every mode: a quantized file that lost accuracy must not pass unseen."""
     for line in warnings:
         click.secho(f"WARNING: {line}", err=True, fg="yellow", bold=True)
-
-
-def _tflite_table(figures: dict) -> None:
-    if not figures:
-        return
-    click.echo(f"{'tflite':<8} {'file':<22} {'size MB':>8} {'accuracy':>9} {'95% CI':>13} {'images':>6} "
-               f"{'agreement':>10} {'ms/image':>9}")
-    for name, row in figures.items():
-        low, high = row["accuracy_interval"]
-        click.echo(f"{name:<8} {row['file']:<22} {row['size_bytes'] / 1e6:8.2f} {row['accuracy']:9.4f} "
-                   f"{low:6.3f}-{high:.3f} {row['n_images']:6d} {row['agreement']:10.4f} {row['ms_per_image']:9.2f}")
 
 
 def run() -> None:
@@ -185,80 +174,28 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
     click.echo(f"images: {split['train']} train, {split['validation']} validation, {split['test']} test")
     click.echo(f"bottlenecks: {result.cache['misses']} computed, {result.cache['hits']} from cache "
                f"({result.timings['bottlenecks']:.1f} s)")
-    _balance_line(result.class_balance)
+    balance_line(result.class_balance)
     augmented = result.augment.get("cache")
     if augmented:
         click.echo(f"augmented bottlenecks: {result.augment['copies']} per training image, {augmented['misses']} computed, "
                    f"{augmented['hits']} from cache ({result.timings['augment']:.1f} s)")
     if result.fine_tune:
-        _fine_tune_line(result.fine_tune, result.timings["fine_tune"])
-    _head_line(result.head)
+        fine_tune_line(result.fine_tune, result.timings["fine_tune"])
+    head_line(result.head)
     if "validation" in result.metrics:
-        click.echo(f"validation accuracy: {_accuracy(result.metrics['validation'])}")
+        click.echo(f"validation accuracy: {accuracy(result.metrics['validation'])}")
     if "cross_validation" in result.metrics:
         cv = result.metrics["cross_validation"]
-        click.echo(f"cross-validated accuracy: {_accuracy(cv)}, {cv['folds']} folds")
+        click.echo(f"cross-validated accuracy: {accuracy(cv)}, {cv['folds']} folds")
     if "test" in result.metrics:
         test = result.metrics["test"]
-        click.echo(f"test accuracy: {_accuracy(test)}")
+        click.echo(f"test accuracy: {accuracy(test)}")
         click.echo("test recall per class: " + ", ".join(f"{name} {row['recall']:.4f}" for name, row in test["per_class"].items()))
-    _tflite_table(result.metrics.get("tflite", {}))
-    _label_errors_line(result.label_errors, result.artifacts.get("label_errors"))
+    tflite_table(result.metrics.get("tflite", {}))
+    label_errors_line(result.label_errors, result.artifacts.get("label_errors"))
     click.echo(f"model: {result.output}")
     for name, path in result.artifacts.items():
         click.echo(f"  {name}: {path}")
-
-
-def _accuracy(figures: dict) -> str:
-    from .evaluation.evaluate import accuracy_text
-
-    return accuracy_text(figures["accuracy"], figures["n_images"], figures["accuracy_interval"])
-
-
-def _head_line(head: dict) -> None:
-    line = f"head: {head['solver']}"
-    cv = head.get("cross_validation")
-    if cv:
-        line += f", L2 strength C={cv['c']:g} " + (f"chosen by {cv['folds']}-fold cross-validation" if cv["folds"] else "(fixed)")
-    elif head.get("epochs_run") is not None:
-        line += f", {head['epochs_run']} epoch(s), best {head['best_epoch']}"
-    if head.get("validation_folded"):
-        line += f"; {head['validation_folded']} validation image(s) folded into training"
-    click.echo(line + f" ({head['seconds']:.1f} s)")
-
-
-def _label_errors_line(errors: list, page: str | None) -> None:
-    if not errors:
-        return
-    shown = "; ".join(f"{Path(e['path']).name} in {e['class']} looks like {e['looks_like']} ({e['confidence']:.2f})"
-                      for e in errors[:3])
-    more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
-    click.echo(f"likely label errors: {len(errors)} ({shown}{more}); see {page}")
-
-
-def _balance_line(balance: dict) -> None:
-    counts = balance["class_counts"]
-    largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
-    if counts[smallest] == counts[largest]:
-        line = f"class balance: {counts[largest]} training images in every class; class weights: {balance['class_weight']}"
-    else:
-        line = (f"class balance: {counts[smallest]}-{counts[largest]} training images per class, imbalance "
-                f"{balance['imbalance_ratio']:.2f} ({largest} / {smallest}); class weights: {balance['class_weight']}")
-    if balance["class_weight"] == "none" and balance["imbalance_ratio"] >= 2:
-        line += " (try --class-weight balanced)"
-    click.echo(line)
-
-
-def _fine_tune_line(fine: dict, seconds: float) -> None:
-    frozen, best = fine["frozen_validation"], fine["best_validation"]
-    head = f"fine-tune: {fine['epochs_run']} epoch(s), learning rate {fine['learning_rate']:g}, {seconds:.1f} s: "
-    if fine["weights_changed"]:
-        click.echo(head + f"validation accuracy {frozen['accuracy']:.4f} -> {best['accuracy']:.4f}, loss "
-                   f"{frozen['loss']:.4f} -> {best['loss']:.4f} (epoch {fine['best_epoch']}); module weights changed "
-                   f"(weights fingerprint {fine['weights_fingerprint'][:16]})")
-    else:
-        click.echo(head + f"no epoch beat the frozen module (validation accuracy {frozen['accuracy']:.4f}, "
-                   f"loss {frozen['loss']:.4f}): its weights were kept")
 
 
 @main.command()
@@ -353,7 +290,7 @@ def export(output, formats, representative, calibration_samples, max_accuracy_dr
     if as_json:
         _emit_json(result)
         return
-    _tflite_table(result["tflite"])
+    tflite_table(result["tflite"])
     for name, path in result["artifacts"].items():
         click.echo(f"{name}: {path}")
 

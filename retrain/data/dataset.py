@@ -173,21 +173,27 @@ def scan_folder(image_dir: str | os.PathLike, classes: list[str] | None = None, 
             seen_in_class[(label, content_hash)] = str(path)
             relpath = path.relative_to(class_dir).as_posix()
             scan.images.append(ImageFile(str(path), label, relpath, content_hash, probe.decoder))
+    conflict = _cross_class_conflicts(scan.images, classes, root)
+    if conflict:
+        scan.warnings.append(conflict)
+    return scan
+
+
+def _cross_class_conflicts(images, classes, root) -> str | None:
+    """A warning naming images whose content appears in more than one class, or None."""
     by_content: dict[str, set[int]] = {}
-    for image in scan.images:
+    for image in images:
         by_content.setdefault(image.content_hash, set()).add(image.label)
     conflicts = [h for h, labels in by_content.items() if len(labels) > 1]
-    if conflicts:
-        listed = [
-            f"{', '.join(classes[l] for l in sorted(by_content[h]))}: "
-            + next(i.relpath for i in scan.images if i.content_hash == h)
-            for h in conflicts[:5]
-        ]
-        more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
-        scan.warnings.append(
-            f"{len(conflicts)} image(s) in {root} appear in more than one class: " + "; ".join(listed) + more
-        )
-    return scan
+    if not conflicts:
+        return None
+    listed = [
+        f"{', '.join(classes[l] for l in sorted(by_content[h]))}: "
+        + next(i.relpath for i in images if i.content_hash == h)
+        for h in conflicts[:5]
+    ]
+    more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
+    return f"{len(conflicts)} image(s) in {root} appear in more than one class: " + "; ".join(listed) + more
 
 
 def identical_files(distinct: int, identical: int) -> str:

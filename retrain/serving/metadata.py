@@ -76,16 +76,12 @@ def add_metadata(
     entry already there is replaced; a zip already appended to the input is dropped (the flatbuffer
     is rewritten and a new zip holding only labels.txt is appended).
 
-    Raises ImportError when ai-edge-litert (the TFLite schema) is missing; callers may then fall
-    back to a bare zip-appended labels.txt.
+    Raises ImportError, saying so, when ai-edge-litert (the TFLite schema) is missing.
     """
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError as error:
-        raise ImportError(
-            "writing TFLite metadata needs ai-edge-litert (its TFLite flatbuffer schema); "
-            "install ai-edge-litert or pack labels.txt without metadata"
-        ) from error
+        raise ImportError("writing TFLite metadata needs ai-edge-litert (its TFLite flatbuffer schema)") from error
     labels = _checked_labels(labels)
     data = bytes(flatbuffer)
     if data[4:8] != TFLITE_FILE_IDENTIFIER:
@@ -107,9 +103,7 @@ def add_metadata(
     )
 
     if signature is not None and not model.signatureDefs:
-        key, input_name, output_name = signature
-        model.signatureDefs = [_signature_def(schema, key, (input_name, graph.inputs[0]), (output_name, graph.outputs[0]))]
-        _tidy_tensor_names(model)
+        _add_signature(model, schema, graph, signature)
 
     _put_metadata(model, schema, metadata)
     packed = _pack_model(model, schema)
@@ -166,6 +160,12 @@ def _put_metadata(model, schema, metadata: bytes) -> None:
     entry.name = METADATA_NAME
     entry.buffer = index
     model.metadata = entries + [entry]
+
+
+def _add_signature(model, schema, graph, signature: tuple[str, str, str]) -> None:
+    key, input_name, output_name = signature
+    model.signatureDefs = [_signature_def(schema, key, (input_name, graph.inputs[0]), (output_name, graph.outputs[0]))]
+    _tidy_tensor_names(model)
 
 
 def _tidy_tensor_names(model) -> None:
