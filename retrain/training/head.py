@@ -212,8 +212,7 @@ def fit_head(train_x, train_y, val_x, val_y, n_classes: int, config: TrainConfig
     in one fold; out-of-fold figures count each image's first vector only."""
     solver = choose_solver(config.head, len(train_x))
     if solver == "minibatch":
-        head = train_head_minibatch(train_x, train_y, val_x, val_y, n_classes, config, class_weights)
-        return head
+        return train_head_minibatch(train_x, train_y, val_x, val_y, n_classes, config, class_weights)
     return fit_logistic_cv(train_x, train_y, n_classes, config, class_weights, groups)
 
 
@@ -269,7 +268,6 @@ def _fit_logistic_cv(train_x, train_y, n_classes, config, class_weights, groups)
     counts = class_counts(y[first], n_classes)
     k = min(config.cv_folds if first.sum() <= FEW_FOLDS_ABOVE else min(3, config.cv_folds), int(counts.min()))
     out_of_fold = None
-    converged = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         if k >= 2:
@@ -307,8 +305,7 @@ def _fit_logistic_cv(train_x, train_y, n_classes, config, class_weights, groups)
             final = _logistic(chosen, config.seed, class_weights).fit(z, y)
             cross_validation = {"folds": 0, "c": chosen, "grid": [chosen],
                                 "note": "a class has a single training image: C was not cross-validated"}
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    cross_validation["converged"] = converged
+    cross_validation["converged"] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     kernel, bias = _softmax_layer(final, basis, x.shape[1], n_classes)
     return Head(kernel=kernel, bias=bias, epochs_run=None, best_epoch=None, history={},
                 seconds=time.perf_counter() - started, solver="logistic",
