@@ -11,6 +11,9 @@ Measures, in one run on this machine, what caching bottlenecks is for:
 6. tflite       latency per image of each exported TFLite variant
 7. few-shot     head accuracy at 5 to 1,000 images per class: the new head, the old one and the
                 cross-validated logistic regression (the linear-probe limit) on the same vectors
+8. tflite-predict  ``predict`` / ``evaluate`` on a .tflite file without TensorFlow: top-1 agreement
+                with the TensorFlow decode path on the validation folder, and ``import tensorflow``
+                against a one-image ``retrain predict``
 
 Prints a table with PASS / MISS against each target and saves everything, with the machine, as
 JSON in bench/results/. Data come from ``--data`` (``$RETRAIN_DATA``, default ../shared/data).
@@ -30,9 +33,9 @@ from pathlib import Path
 
 from .common import ROOT, BenchError, Context, Row, load_snapshot
 
-PARTS = ("extraction", "cold-warm", "baseline", "head", "memory", "tflite", "few-shot")
+PARTS = ("extraction", "cold-warm", "baseline", "head", "memory", "tflite", "few-shot", "tflite-predict")
 LABELS = {"extraction": "1 extraction", "cold-warm": "2 cold/warm", "baseline": "3 baseline", "head": "4 head",
-          "memory": "5 memory", "tflite": "6 tflite", "few-shot": "7 few-shot"}
+          "memory": "5 memory", "tflite": "6 tflite", "few-shot": "7 few-shot", "tflite-predict": "8 tflite-predict"}
 
 FULL = {"extract_images": 2000, "rounds": 4, "limit_per_class": 0, "head_sizes": [2000, 20000, 200000],
         "head_epochs": 10, "memory_sizes": [5000, 50000], "latency_invokes": 100}
@@ -119,6 +122,8 @@ def _part_function(name: str):
         from .memory import run
     elif name == "few-shot":
         from .fewshot import run
+    elif name == "tflite-predict":
+        from .tflite_predict import run
     else:
         from .tool_runs import tflite_latency as run
     return run

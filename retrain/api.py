@@ -1,4 +1,5 @@
-"""The Python API: ``train``, ``evaluate``, ``predict``, ``export``. The CLI is a thin layer over it.
+"""The Python API: ``train``, ``evaluate``, ``predict``, ``export``, ``export_module``. The CLI is a
+thin layer over it.
 
 The library never prints: it returns dataclasses, and progress goes through ``progress``.
 ``train`` is the pipeline of named stages in pipeline.py.
@@ -21,9 +22,10 @@ from .pipeline import output_target, train
 from .records import METRICS_FILE, MODEL_CARD_FILE, RUN_FILE, SAVED_MODEL_DIR, TrainResult
 from .safety import MODEL, check_apart, written_by_tool
 from .serving.checks import TestSet, representative_images, test_set, tflite_metadata, write_tflite_variants
+from .serving.publish import ModuleExport, export_module
 from .serving.tflite import tflite_format
 
-__all__ = ["train", "evaluate", "predict", "export", "TrainResult"]
+__all__ = ["train", "evaluate", "predict", "export", "export_module", "TrainResult", "ModuleExport"]
 
 
 def evaluate(model: str | os.PathLike, image_dir: str | os.PathLike, batch_size: int = 64) -> Evaluation:

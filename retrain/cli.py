@@ -149,6 +149,8 @@ def main():
 @click.option("--calibration-samples", type=int, default=DEFAULTS.calibration_samples, show_default=True, help="Training images used to calibrate int8.")
 @click.option("--allow-unversioned", is_flag=True, help="Accept a URL handle that names no version.")
 @click.option("--trust-host", "trust_hosts", multiple=True, help="Also load modules from this host (repeatable; modules are executed code).")
+@click.option("--allow-module-op", "allowed_module_ops", multiple=True, metavar="OP",
+              help="Accept this op the module audit refuses (file, print, Python or network ops; repeatable, recorded in run.json).")
 @click.option("--max-unusable-fraction", type=float, default=DEFAULTS.max_unusable_fraction, show_default=True,
               help="Stop when more than this fraction of a class's image files cannot be decoded.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier retrain model in the output folder (never any other folder).")
@@ -295,6 +297,47 @@ def export(output, formats, representative, calibration_samples, max_accuracy_dr
         click.echo(f"{name}: {path}")
 
 
+@main.command(context_settings={"allow_interspersed_args": True})
+@click.argument("images")
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
+@click.option("--module", "-m", required=True, help="Local SavedModel folder, object-store folder (gs://...) or versioned URL.")
+@click.option("--cache-dir", help="Bottleneck cache folder train reads (or an object-store prefix)  [default: ~/.cache/retrain].")
+@click.option("--runner", default="DirectRunner", show_default=True,
+              help="Beam runner: DirectRunner (Beam's Python runner, on this machine), DataflowRunner, FlinkRunner, SparkRunner, ...")
+@click.option("--workers", type=int, default=None,
+              help="DirectRunner worker processes (--direct_running_mode multi_processing above 1).  [default: 1, in this process]")
+@click.option("--batch-size", type=int, default=None, show_default="128 at 224x224, fewer for larger images",
+              help="Images per module call.")
+@click.option("--shard-size", type=int, default=None,
+              help="Vectors per cache shard a worker writes: a kill loses at most the unwritten part of one shard "
+                   "per worker.  [default: 512]")
+@click.option("--image-size", type=int, help="Input size for modules that accept any size (give train the same).")
+@click.option("--allow-unversioned", is_flag=True, help="Accept a URL handle that names no version.")
+@click.option("--trust-host", "trust_hosts", multiple=True, help="Also load modules from this host (repeatable; modules are executed code).")
+@click.option("--allow-module-op", "allowed_ops", multiple=True, metavar="OP",
+              help="Accept this op the module audit refuses (repeatable; every worker audits the module).")
+@_output_options
+def extract(images, beam_args, module, quiet, as_json, **options):
+    """Compute the bottlenecks of IMAGES (a folder of class sub-folders, a glob or a file list) in an
+    Apache Beam pipeline and write them to the cache that train reads. Options after -- go to Beam."""
+    _setup(quiet, as_json)
+    from .features.beam import extract as run_extract  # needs the extra retrain[beam]
+
+    result = run_extract(images, module, beam_args=beam_args, **options)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    if result.skipped and not quiet:
+        click.echo(f"note: {result.skipped_total} file(s) skipped:", err=True)
+        for item in result.skipped[:10]:
+            click.echo(f"  {item['path']}: {item['reason']}", err=True)
+    click.echo(f"{result.images} images: {result.computed} computed, {result.already_cached} already cached, "
+               f"{result.duplicates} identical to another file")
+    workers = f", {result.processes} worker process(es) computing" if result.processes else ""
+    click.echo(f"runner: {result.runner}{workers}, {result.seconds:.1f} s")
+    click.echo(f"cache: {result.cache_dir} ({result.shards} shard(s) written)")
+
+
 @main.group()
 def cache():
     """Inspect or clear the bottleneck cache."""
@@ -332,7 +375,7 @@ def cache_clear(cache_dir, yes):
 
 @main.group()
 def module():
-    """Inspect modules."""
+    """Inspect modules, or export a trained one as a reusable module."""
 
 
 @module.command("inspect")
@@ -340,18 +383,57 @@ def module():
 @click.option("--image-size", type=int)
 @click.option("--allow-unversioned", is_flag=True)
 @click.option("--trust-host", "trust_hosts", multiple=True)
+@click.option("--allow-module-op", "allowed_ops", multiple=True, metavar="OP")
 @_output_options
-def module_inspect(handle, image_size, allow_unversioned, trust_hosts, quiet, as_json):
-    """Resolve HANDLE and show its input size, feature dimension and fingerprint."""
+def module_inspect(handle, image_size, allow_unversioned, trust_hosts, allowed_ops, quiet, as_json):
+    """Resolve HANDLE, audit its ops and show its input size, feature dimension and fingerprint."""
     _setup(quiet, as_json)
+    from .features.audit import check_allowed_ops
     from .features.module import load_module
 
-    info = load_module(handle, image_size, allow_unversioned, tuple(trust_hosts)).info.to_dict()
+    info = load_module(handle, image_size, allow_unversioned, tuple(trust_hosts),
+                       allowed_ops=check_allowed_ops(allowed_ops)).info.to_dict()
     if as_json:
         _emit_json(info)
         return
     for key, value in info.items():
         click.echo(f"{key}: {value}")
+
+
+@module.command("export")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("module_dir", type=click.Path(file_okay=False))
+@click.option("--license", "license_name", metavar="NAME",
+              help="License of the exported weights, copied into the README and the upload command (e.g. 'Apache 2.0', "
+                   "as Kaggle names it); retrain cannot know it: it follows the source module's (and maybe the images').")
+@click.option("--owner", metavar="SLUG", help="Kaggle user or organisation for model-metadata.json [default: Kaggle's placeholder].")
+@click.option("--source-module", metavar="HANDLE",
+              help="Load the source module from here instead of the handle run.json records (its fingerprint must match).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier exported module in MODULE_DIR (never any other folder).")
+@_output_options
+def module_export(output, module_dir, license_name, owner, source_module, overwrite, quiet, as_json):
+    """Write the module of a retrain OUTPUT folder (fine-tuned or not) to MODULE_DIR as a reusable
+    TF Hub style feature-vector module, with a README and Kaggle Models metadata (nothing is uploaded)."""
+    _setup(quiet, as_json)
+    from .api import export_module
+
+    result = export_module(output, module_dir, license=license_name, owner=owner, source_module=source_module,
+                           overwrite=overwrite)
+    _loud(result.warnings)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    checks = result.checks
+    state = (f"fine-tuned, {result.variables_changed} of {result.variables} variables changed" if result.weights_changed
+             else "not fine-tuned: the source module's weights")
+    click.echo(f"source: {result.source['handle']} (fingerprint {result.source['fingerprint'][:16]}); {state}")
+    click.echo(f"module: {result.module_dir} (fingerprint {result.fingerprint[:16]}), input [batch, "
+               f"{result.input_spec['height']}, {result.input_spec['width']}, 3] in [0, 1], output [batch, {result.feature_dim}]; "
+               f"{result.variables} variables, {result.trainable_variables} trainable")
+    click.echo(f"checked on {checks['probe_images']} probe images: vectors max abs diff {checks['max_abs_diff_features']:.3g} "
+               f"from the trained module, probabilities {checks['max_abs_diff_probabilities']:.3g} from {output}")
+    for name, path in result.artifacts.items():
+        click.echo(f"  {name}: {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .features.audit import check_allowed_ops
 
 OPTIMIZERS = ("adam", "sgd")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -42,6 +43,7 @@ class TrainConfig:
     image_size: int | None = None  # override; otherwise read from the module's signature
     allow_unversioned: bool = False
     trust_hosts: tuple[str, ...] = ()  # hosts trusted beside tfhub.dev and Kaggle Models
+    allowed_module_ops: tuple[str, ...] = ()  # ops the module audit refuses that the user accepts by name
     # bottlenecks
     cache_dir: str | None = None
     extract_batch_size: int | None = None  # None: see batch_for_images
@@ -119,6 +121,7 @@ class TrainConfig:
         self._check_augment_and_fine_tune()
         object.__setattr__(self, "quantize", tuple(self.quantize))
         object.__setattr__(self, "trust_hosts", tuple(h.lower() for h in self.trust_hosts))
+        object.__setattr__(self, "allowed_module_ops", check_allowed_ops(self.allowed_module_ops))
         if not 0 <= self.max_unusable_fraction <= 1:
             raise ConfigError(f"--max-unusable-fraction must be in [0, 1], got {self.max_unusable_fraction}")
         if self.max_accuracy_drop < 0:
@@ -173,6 +176,7 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         data["quantize"] = list(self.quantize)
         data["trust_hosts"] = list(self.trust_hosts)
+        data["allowed_module_ops"] = list(self.allowed_module_ops)
         return data
 
     @property

@@ -25,7 +25,7 @@ from .evaluation.evaluate import classification_metrics, small_set_note, wilson_
 from .evaluation.label_errors import PAGE as LABEL_ERRORS_PAGE
 from .evaluation.label_errors import find_label_errors, write_label_error_page
 from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
-from .features.module import LoadedModule, load_module
+from .features.module import LoadedModule, check_module, load_module
 from .files import staged_output
 from .records import MODEL_CARD_FILE, METRICS_FILE, RUN_FILE, SAVED_MODEL_DIR, Stopwatch, TrainResult, write_records
 from .safety import MODEL, check_apart, check_cache_folder, check_output_folder, ensure_cache
@@ -73,6 +73,8 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
         tflite_format(name)
     output = Path(output).expanduser()
     check_train_paths(image_dir, output, config, module, overwrite)
+    with watch("module"):  # trust and the op audit refuse a module before any image is read
+        check_module(module, config.allow_unversioned, config.trust_hosts, config.allowed_module_ops)
     with watch("scan"):
         split = split_dataset(image_dir, config.validation_percent, config.test_percent, config.validation_dir,
                               config.test_dir)
@@ -81,7 +83,7 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
                           "use --validation-percent above 0 or --validation-dir")
     with watch("module"):
         loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
-                             records_dir=config.resolved_cache_dir)
+                             records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops)
         check_apart({"output folder": output, "cache folder": config.resolved_cache_dir},
                     {"module folder": loaded.info.path})  # a URL's folder in the TF Hub cache
         if config.fine_tune:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 _enabled = True
 
@@ -17,6 +19,8 @@ def set_enabled(enabled: bool) -> None:
 
 def bar(total: int | None = None, desc: str = "", unit: str = "it") -> tqdm:
     """A progress bar on stderr; a disabled one (that still counts) when progress is off."""
+    from tqdm import tqdm  # here, not at import: the command line imports this module to start
+
     return tqdm(
         total=total,
         desc=desc,

@@ -58,7 +58,7 @@ class Stopwatch:
         try:
             yield
         finally:
-            self.seconds[name] = time.perf_counter() - mark
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - mark  # a stage may come back
 
     def rounded(self) -> dict:
         return {k: round(v, 3) for k, v in {**self.seconds, "total": time.perf_counter() - self.started}.items()}

@@ -4,9 +4,10 @@ Three rules, each checked before any work (and again just before anything is del
 
 1. **An output folder is replaced only when it is empty or holds an earlier output of the same
    kind**, recognised by the marker file the tool writes there (``run.json`` with
-   ``"tool": "retrain"`` for a model, ``report.json`` for a report) and holding no file the
-   tool did not write (the marker lists them; older outputs are matched by the names the tool
-   writes). Any other non-empty folder is refused, ``--overwrite`` or not.
+   ``"tool": "retrain"`` for a model, ``report.json`` for a report, ``retrain-module.json`` for an
+   exported module) and holding no file the tool did not write (the marker lists them; older
+   outputs are matched by the names the tool writes). Any other non-empty folder is refused,
+   ``--overwrite`` or not.
 2. **Outputs never overlap inputs**: a folder the tool writes is not, does not contain and does
    not lie inside a folder it reads (images, validation and test folders, the module) or the
    cache, compared after resolving symbolic links and ``..`` (and by inode, for bind mounts).
@@ -58,6 +59,12 @@ REPORT = OutputKind(
     "report", "report.json", "report folder",
     names=("index.html", "report.json", "confusion_matrix.png", "confusion_matrix.csv", "per_class.csv", "mistakes"),
     trees=("mistakes",),
+)
+MODULE = OutputKind(  # ``retrain module export``: a reusable feature-vector module (serving/publish.py)
+    "module", "retrain-module.json", "module folder",
+    names=("retrain-module.json", "README.md", "model-metadata.json", "saved_model.pb", "fingerprint.pb",
+           "variables", "assets"),
+    trees=("variables", "assets"),
 )
 
 STAGE_MARK = ".retrain-stage"  # inside every staging folder: only such folders are cleaned up as leftovers
@@ -299,7 +306,7 @@ def remove_entry_files(entry: Path, files: Iterable[Path] | None = None) -> int:
 
 
 __all__ = [
-    "MODEL", "REPORT", "OutputKind", "STAGE_MARK", "check_output_folder", "why_not_replaceable", "manifest",
+    "MODEL", "REPORT", "MODULE", "OutputKind", "STAGE_MARK", "check_output_folder", "why_not_replaceable", "manifest",
     "files_under", "written_by_tool", "check_apart", "overlap", "CACHEDIR_TAG", "check_cache_folder", "ensure_cache", "why_not_cache",
     "cache_entries", "remove_entry_files", "is_entry_file", "TEMPORARY_SHARD",
 ]

@@ -93,7 +93,7 @@ def test_readme_python_example(real_data, tmp_path):
 
 
 def _model_card_snippets_agree_on_a_real_photo(out: Path, photo: Path) -> None:
-    """Both snippets of the model card (SavedModel, LiteRT) on a real 500x375-ish photo name the
+    """The three snippets of the model card (SavedModel, serving_bytes, LiteRT) on a real 500x375-ish photo name the
     class the tool predicts, with its probability (to JPEG decoders' rounding: Pillow in the
     snippets, TensorFlow in the tool)."""
     import shutil
@@ -102,11 +102,12 @@ def _model_card_snippets_agree_on_a_real_photo(out: Path, photo: Path) -> None:
 
     card = (out / "README.md").read_text()
     snippets = re.findall(r"```python\n(.*?)```", card, re.S)
-    assert len(snippets) == 2
+    assert len(snippets) == 3  # SavedModel, serving_bytes, LiteRT
     shutil.copy(photo, out / "photo.jpg")
     try:
-        wanted = [retrain.predict(out, [photo])[0].top[0], retrain.predict(out / "model.tflite", [photo])[0].top[0]]
-        for code, want in zip(snippets, wanted):
+        saved_model = retrain.predict(out, [photo])[0].top[0]
+        wanted = [saved_model, saved_model, retrain.predict(out / "model.tflite", [photo])[0].top[0]]
+        for code, want in zip(snippets, wanted, strict=True):
             done = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
             name, probability = done.stdout.split()

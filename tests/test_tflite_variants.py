@@ -76,7 +76,7 @@ def test_model_card_lists_module_metrics_and_its_snippets_run(all_formats, tiny_
     for name in TFLITE_FORMATS:
         assert f"`{TFLITE_FORMATS[name].filename}`" in card
     snippets = re.findall(r"```python\n(.*?)```", card, re.S)
-    assert len(snippets) == 2
+    assert len(snippets) == 3  # SavedModel, serving_bytes, LiteRT
     # A photo-like image (texture, edges, far larger than the module's 32x32), so that resizing
     # matters: each snippet must print what the tool predicts, to the printed digits. PNG, so that
     # two JPEG decoders' rounding (TensorFlow's, Pillow's) does not blur the check of the resize.
@@ -91,7 +91,7 @@ def test_model_card_lists_module_metrics_and_its_snippets_run(all_formats, tiny_
     try:
         expected = retrain.predict(out, [out / "photo.jpg"])[0].top[0]
         tflite_expected = retrain.predict(out / "model.tflite", [out / "photo.jpg"])[0].top[0]
-        for code, want in zip(snippets, (expected, tflite_expected)):
+        for code, want in zip(snippets, (expected, expected, tflite_expected), strict=True):
             run = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True)
             assert run.returncode == 0, run.stderr
             name, probability = run.stdout.split()

@@ -137,6 +137,10 @@ def _io_lines(height: int, width: int, n_classes: int) -> list[str]:
         f"- SavedModel `saved_model/`, signature `serving_default`: `images` uint8 `[batch, height, width, 3]` RGB of any "
         "size (resized inside the model, bilinear, exactly as in training) -> `probabilities` float32 `[batch, "
         f"{n_classes}]` in `labels.txt` order. Signature `serving_fixed` takes images already resized to {height}x{width}.",
+        "- Signature `serving_bytes` (for servers): `image_bytes` string `[batch]`, encoded JPEG, PNG, GIF or BMP files -> "
+        f"`probabilities` `[batch, {n_classes}]`, `classes` (the top {min(5, n_classes)} class names, best first) and "
+        "`scores` (their probabilities). Files are decoded as in training: EXIF orientation applied (a photo taken "
+        "sideways is seen upright), transparency on white, grey to RGB; then the same resize.",
         f"- TFLite files: input uint8 `[1, {height}, {width}, 3]` RGB; the app resizes the image to {height}x{width} "
         "(bilinear with half-pixel centres and no antialiasing, as `tf.image.resize`; no crop, aspect ratio not kept) "
         "before calling the model, as the snippet below does. Output: probabilities `[1, "
@@ -162,6 +166,28 @@ def _snippet_lines(height: int, width: int) -> list[str]:
         'probabilities = model.signatures["serving_default"](images=tf.constant(image))["probabilities"][0].numpy()',
         "print(labels[int(probabilities.argmax())], float(probabilities.max()))",
         "```",
+        "",
+        "Encoded files in, as a server takes them (`serving_bytes`):",
+        "",
+        "```python",
+        "import tensorflow as tf",
+        "",
+        'model = tf.saved_model.load("saved_model")',
+        'files = tf.constant([open("photo.jpg", "rb").read()])',
+        'result = model.signatures["serving_bytes"](image_bytes=files)',
+        'print(result["classes"][0, 0].numpy().decode(), float(result["scores"][0, 0]))',
+        "```",
+        "",
+        "TF Serving (REST; the model folder needs a version number), then one request:",
+        "",
+        "```sh",
+        "mkdir -p served/classifier && cp -r saved_model served/classifier/1",
+        'docker run -p 8501:8501 -v "$PWD/served/classifier:/models/classifier" -e MODEL_NAME=classifier tensorflow/serving',
+        'curl -s localhost:8501/v1/models/classifier:predict -d "{\\"signature_name\\": \\"serving_bytes\\", '
+        '\\"instances\\": [{\\"image_bytes\\": {\\"b64\\": \\"$(base64 -w0 photo.jpg)\\"}}]}"',
+        "```",
+        "",
+        'The answer is `{"predictions": [{"probabilities": [...], "classes": [...], "scores": [...]}]}`.',
         "",
         "LiteRT (`pip install ai-edge-litert`):",
         "",

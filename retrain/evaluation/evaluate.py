@@ -72,7 +72,9 @@ def run_on_files(runner, paths: list[str], decoders: list[str], batch_size: int 
     """Probabilities for each decodable file: returns (indices, probabilities, skipped[(index, reason)])."""
     all_indices, all_probabilities, all_skipped = [], [], []
     with progress.bar(total=len(paths), desc=desc, unit="img") as bar:
-        for indices, pixels, skipped in iter_image_batches(paths, decoders, runner.height, runner.width, batch_size):
+        batches = iter_image_batches(paths, decoders, runner.height, runner.width, batch_size,
+                                     tensorflow=getattr(runner, "uses_tensorflow", True))
+        for indices, pixels, skipped in batches:
             all_skipped.extend(skipped)
             if pixels is not None and len(indices):
                 all_indices.append(indices)

@@ -7,8 +7,10 @@ and returns float probabilities ``[batch, classes]``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from .._tf import quiet_stderr
 from .._tf import tf as _tf
 from ..errors import ModelError, first_line
+from ..features.audit import audit_module
 from ..serving.tflite import (
     LABELS_FILE,
     OUTPUT_KEY,
@@ -32,12 +35,24 @@ def _read_labels(path: Path) -> list[str]:
     return labels
 
 
+def _accepted_ops(saved_model: Path) -> tuple[str, ...]:
+    """The ops a retrain run accepted in its module (``--allow-module-op``), from the run.json beside."""
+    try:
+        run = json.loads((saved_model.parent / "run.json").read_text(encoding="utf-8"))
+        ops = run.get("config", {}).get("allowed_module_ops", [])
+    except (OSError, ValueError, AttributeError):
+        return ()
+    return tuple(op for op in ops if isinstance(op, str)) if isinstance(ops, list) else ()
+
+
 class SavedModelRunner:
     kind = "saved_model"
+    uses_tensorflow = True  # its images are decoded and resized by TensorFlow as well
 
     def __init__(self, directory: str | Path):
         tf = _tf()
         self.path = str(directory)
+        audit_module(directory, allowed_ops=_accepted_ops(Path(directory)), what="model")  # before any of it runs
         try:
             self._loaded = tf.saved_model.load(self.path)
         except Exception as error:
@@ -69,15 +84,28 @@ class SavedModelRunner:
 INVOKE_BATCH = 8
 
 
+def _tflite_interpreter():
+    """LiteRT's Interpreter. Where LiteRT is missing, TensorFlow's copy (identical outputs) only
+    when TensorFlow is loaded already (the export checks): ``predict`` and ``evaluate`` on a
+    .tflite file never import TensorFlow, which costs more than everything else they do."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        if "tensorflow" in sys.modules:
+            return _tf().lite.Interpreter
+        raise ModelError("running a .tflite file needs the LiteRT interpreter: pip install ai-edge-litert") from None
+    return Interpreter
+
+
 class TFLiteRunner:
     kind = "tflite"
+    uses_tensorflow = False  # images decoded and resized by NumPy code that gives TensorFlow's pixels
 
     def __init__(self, path: str | Path, num_threads: int | None = None):
         self.path = str(path)
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:  # LiteRT does not install everywhere; TensorFlow's copy gives identical outputs
-            Interpreter = _tf().lite.Interpreter
+        Interpreter = _tflite_interpreter()
+        if importlib.util.find_spec("simplejpeg") is None:
+            raise ModelError("decoding images for a .tflite file needs the simplejpeg package: pip install simplejpeg")
         try:
             with quiet_stderr():  # LiteRT logs the XNNPACK delegate's creation on stderr
                 self.interpreter = Interpreter(model_path=self.path, num_threads=num_threads or os.cpu_count())

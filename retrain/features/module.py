@@ -24,6 +24,7 @@ import numpy as np
 
 from .._tf import tf as _tf
 from ..errors import ModuleError, first_line
+from .audit import AuditResult, UnreadableSavedModel, audit_module
 from ..safety import MODULE_RECORDS  # in the bottleneck cache folder: first fingerprint per versioned URL
 
 TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com")
@@ -60,6 +61,7 @@ class ModuleInfo:
     input_spec: InputSpec
     feature_dim: int
     trainable_variables: int
+    audit: dict | None = None  # what audit.audit_module read: functions walked, op types, ops accepted
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -255,15 +257,30 @@ def resolve_input_spec(spec, image_size: int | None) -> InputSpec:
     return InputSpec(int(height), int(width))
 
 
-def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False,
-                trust_hosts: tuple[str, ...] = (), records_dir: str | os.PathLike | None = None) -> LoadedModule:
-    """Resolve, load and check a feature-vector module.
+def check_module(handle: str, allow_unversioned: bool = False, trust_hosts: tuple[str, ...] = (),
+                 allowed_ops=()) -> tuple[Path, AuditResult]:
+    """Resolve a handle and audit the module's ops (audit.py) without running any of it: what
+    refuses a module before any image is read."""
+    path = resolve_handle(str(handle), allow_unversioned, trust_hosts)
+    try:
+        return path, audit_module(path, str(handle), allowed_ops)
+    except UnreadableSavedModel as error:
+        if is_url(str(handle)):
+            raise damaged_cache_entry(str(handle), path, f"it cannot be loaded: {error.reason}") from None
+        raise
 
-    For URL handles the fingerprint is checked against ``records_dir`` (default: the bottleneck
-    cache folder), see ``check_recorded_fingerprint``.
+
+def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False,
+                trust_hosts: tuple[str, ...] = (), records_dir: str | os.PathLike | None = None,
+                allowed_ops=()) -> LoadedModule:
+    """Resolve, audit, load and check a feature-vector module.
+
+    No function of the module runs before its ops are audited (``check_module``); ``allowed_ops``
+    names refused ops the user accepts. For URL handles the fingerprint is checked against
+    ``records_dir`` (default: the bottleneck cache folder), see ``check_recorded_fingerprint``.
     """
     handle = str(handle)
-    path = resolve_handle(handle, allow_unversioned, trust_hosts)
+    path, audit = check_module(handle, allow_unversioned, trust_hosts, allowed_ops)
     digest = fingerprint(path)
     if is_url(handle):
         from ..config import default_cache_dir
@@ -283,7 +300,7 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
         call, input_signature=[tf.TensorSpec([None, input_spec.height, input_spec.width, 3], tf.float32)], autograph=False
     )
     info = ModuleInfo(handle=handle, path=str(path), fingerprint=digest, input_spec=input_spec, feature_dim=0,
-                      trainable_variables=len(getattr(obj, "trainable_variables", []) or []))
+                      trainable_variables=len(getattr(obj, "trainable_variables", []) or []), audit=audit.to_dict())
     loaded = LoadedModule(info, obj, traced)
     probe = np.zeros((2, input_spec.height, input_spec.width, 3), np.uint8)
     try:

@@ -7,7 +7,10 @@ softmax. Its SavedModel has two signatures:
 * ``serving_default``: ``images`` uint8 ``[batch, any height, any width, 3]`` -> ``probabilities``;
 * ``serving_fixed``: ``images`` uint8 ``[batch, H, W, 3]`` (already resized with the same
   bilinear resize) -> ``probabilities``; TFLite files are converted from this one, since a
-  TFLite graph with an unknown image size converts to a ``[1, 1, 1, 3]`` input.
+  TFLite graph with an unknown image size converts to a ``[1, 1, 1, 3]`` input;
+* ``serving_bytes``: ``image_bytes`` string ``[batch]`` (encoded JPEG, PNG, GIF or BMP files, as
+  TF Serving and Vertex AI send them) -> ``probabilities``, ``classes`` (the top class names,
+  best first) and ``scores`` (their probabilities), decoded as training decodes (data/encoded.py).
 """
 
 from __future__ import annotations
@@ -22,17 +25,22 @@ import numpy as np
 from .._tf import quiet_stderr
 from .._tf import tf as _tf
 from ..errors import ConfigError, ModelError
+from ..data.encoded import decode_encoded_batch
 from ..data.images import resize_to_uint8, to_module_input
 
 SIGNATURE_ANY_SIZE = "serving_default"
 SIGNATURE_FIXED = "serving_fixed"
+SIGNATURE_BYTES = "serving_bytes"
+SIGNATURES = (SIGNATURE_ANY_SIZE, SIGNATURE_FIXED, SIGNATURE_BYTES)
 OUTPUT_KEY = "probabilities"
+BYTES_INPUT = "image_bytes"
+TOP_CLASSES = 5  # class names serving_bytes returns per image (fewer when there are fewer classes)
 LABELS_FILE = "labels.txt"
 
 
 def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_path: str):
     """A ``tf.Module`` (not a Keras model: TFLite conversion of Keras 3 models wrapping a
-    SavedModel gave wrong outputs) with the two serving functions."""
+    SavedModel gave wrong outputs) with the three serving functions (see the module doc)."""
     tf = _tf()
     spec = module.info.input_spec
 
@@ -49,6 +57,10 @@ def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_pat
                 self._probabilities,
                 input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8, name="images")],
                 autograph=False,
+            )
+            self.class_names = tf.constant(_read_labels_file(labels_path))
+            self.serve_bytes = tf.function(
+                self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)], autograph=False
             )
             # Track the variables the serving graph uses, not the module object: the object would
             # bring every function it was saved with (training variants too) into the SavedModel,
@@ -68,7 +80,16 @@ def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_pat
         def _serve(self, images):
             return self._probabilities(resize_to_uint8(images, spec.height, spec.width))
 
+        def _serve_bytes(self, image_bytes):
+            probabilities = self._probabilities(decode_encoded_batch(image_bytes, spec.height, spec.width))[OUTPUT_KEY]
+            top = tf.math.top_k(probabilities, k=min(TOP_CLASSES, len(kernel[0])))
+            return {OUTPUT_KEY: probabilities, "classes": tf.gather(self.class_names, top.indices), "scores": top.values}
+
     return ServingModel()
+
+
+def _read_labels_file(path) -> list[str]:
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def save_serving_model(serving, directory: str | Path) -> None:
@@ -81,12 +102,14 @@ def save_serving_model(serving, directory: str | Path) -> None:
     tf.saved_model.save(
         serving,
         str(directory),
-        signatures={SIGNATURE_ANY_SIZE: serving.serve.get_concrete_function(), SIGNATURE_FIXED: serving.serve_fixed.get_concrete_function()},
+        signatures={SIGNATURE_ANY_SIZE: serving.serve.get_concrete_function(),
+                    SIGNATURE_FIXED: serving.serve_fixed.get_concrete_function(),
+                    SIGNATURE_BYTES: serving.serve_bytes.get_concrete_function()},
     )
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel.FromString((directory / "saved_model.pb").read_bytes())
-    missing = {SIGNATURE_ANY_SIZE, SIGNATURE_FIXED} - set(proto.meta_graphs[0].signature_def)
+    missing = set(SIGNATURES) - set(proto.meta_graphs[0].signature_def)
     if missing:
         raise ModelError(f"the SavedModel written to {directory} lacks signature(s) {', '.join(sorted(missing))}")
     reader = tf.train.load_checkpoint(str(directory / "variables" / "variables"))
