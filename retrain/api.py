@@ -23,7 +23,7 @@ from .records import METRICS_FILE, MODEL_CARD_FILE, RUN_FILE, SAVED_MODEL_DIR, T
 from .safety import MODEL, check_apart, written_by_tool
 from .serving.checks import TestSet, representative_images, test_set, tflite_metadata, write_tflite_variants
 from .serving.publish import ModuleExport, export_module
-from .serving.tflite import tflite_format
+from .serving.tflite import TFLITE_FORMATS, tflite_format
 
 __all__ = ["train", "evaluate", "predict", "export", "export_module", "TrainResult", "ModuleExport"]
 
@@ -53,6 +53,10 @@ def export(output: str | os.PathLike, formats=("float32",), representative_dir: 
         raise ModelError(f"{output} is not a retrain output folder: its {RUN_FILE} was not written by retrain")
     check_apart({"output folder": output}, {"representative folder": representative_dir})
     fmts = [tflite_format(f) for f in formats]
+    if (representative_dir or calibration_samples) and not any(f.needs_representative for f in fmts):
+        calibrated = ", ".join(f.export_name for f in TFLITE_FORMATS.values() if f.needs_representative)
+        raise ConfigError(f"--representative and --calibration-samples calibrate {calibrated} only: "
+                          f"{', '.join(f.export_name for f in fmts)} needs no calibration")
     for fmt in fmts:  # files of these names are replaced: only those retrain wrote
         final = output / fmt.filename
         if (final.exists() or final.is_symlink()) and not written_by_tool(fmt.filename, MODEL, run):

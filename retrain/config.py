@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .features.audit import check_allowed_ops
+from .features.lite import BACKENDS as EXTRACT_BACKENDS
 
 OPTIMIZERS = ("adam", "sgd")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -47,6 +48,10 @@ class TrainConfig:
     # bottlenecks
     cache_dir: str | None = None
     extract_batch_size: int | None = None  # None: see batch_for_images
+    # devices: None runs on every GPU when two or more are visible (tf.distribute.MirroredStrategy,
+    # extraction and fine-tuning, batches per replica), else on one device; 1: one device always
+    devices: int | None = None
+    extract_backend: str = "auto"  # what computes bottlenecks: auto, tensorflow, litert (features/lite.py)
     max_unusable_fraction: float = 0.5  # a class with more undecodable files than this is an error
     # head: "auto" picks the cross-validated logistic regression up to head.FULL_BATCH_MAX_VECTORS
     # vectors and the minibatch solver above; epochs ... label_smoothing apply to the minibatch one
@@ -79,7 +84,7 @@ class TrainConfig:
     fine_tune_patience: int = 3  # epochs without validation improvement before stopping
     # export
     quantize: tuple[str, ...] = ("int8",)  # TFLite variants beside float32, see export.TFLITE_FORMATS
-    max_accuracy_drop: float = 2.0  # points a quantized variant may lose against float32 before a warning
+    max_accuracy_drop: float = 1.0  # points a quantized variant may lose against float32 before a warning
     calibration_samples: int = 200  # training images used to calibrate int8
 
     def __post_init__(self):
@@ -90,7 +95,7 @@ class TrainConfig:
         if self.validation_percent + self.test_percent >= 100:
             raise ConfigError("--validation-percent plus --test-percent must leave images for training")
         for name in ("epochs", "batch_size", "extract_batch_size", "calibration_samples", "fine_tune_epochs",
-                     "fine_tune_batch_size"):
+                     "fine_tune_batch_size", "devices"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{_opt(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("patience", "fine_tune_patience"):
@@ -115,6 +120,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
                               + _did_you_mean(self.optimizer, OPTIMIZERS))
+        if self.extract_backend not in EXTRACT_BACKENDS:
+            raise ConfigError(f"--extract-backend must be one of {', '.join(EXTRACT_BACKENDS)}, got "
+                              f"{self.extract_backend!r}" + _did_you_mean(self.extract_backend, EXTRACT_BACKENDS))
         if self.class_weight not in CLASS_WEIGHTS:
             raise ConfigError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
                               + _did_you_mean(self.class_weight, CLASS_WEIGHTS))
@@ -193,4 +201,4 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS", "CLASS_WEIGHTS", "HEADS", "AUGMENT_COPIES"]
+__all__ = ["TrainConfig", "default_cache_dir", "OPTIMIZERS", "CLASS_WEIGHTS", "HEADS", "AUGMENT_COPIES", "EXTRACT_BACKENDS"]

@@ -85,15 +85,17 @@ def test_export_calibrates_from_the_representative_folder(tiny_module, colour_di
     assert CliRunner().invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(out), "--cache-dir",
                                      str(tmp_path / "c"), "--quantize", "none", "-q"]).exit_code == 0
     calibration = write_colour_images(tmp_path / "calibration", counts={"blue": 3, "green": 3, "red": 3}, seed=4)
-    done = CliRunner().invoke(main, ["export", str(out), "--format", "tflite-int8", "--representative",
+    done = CliRunner().invoke(main, ["export", str(out), "--format", "tflite-int8-full", "--representative",
                                      str(calibration), "--json"], catch_exceptions=False)
     assert done.exit_code == 0, done.output
-    figures = json.loads(done.stdout)["tflite"]["int8"]
-    assert figures["accuracy"] >= 0.99 and (out / "model_int8.tflite").is_file()
+    figures = json.loads(done.stdout)["tflite"]["int8-full"]
+    assert figures["accuracy"] >= 0.99 and (out / "model_int8_full.tflite").is_file()
+    unused = CliRunner().invoke(main, ["export", str(out), "--format", "tflite-int8", "--representative", str(calibration)])
+    assert unused.exit_code == 1 and "needs no calibration" in unused.stderr
     empty = tmp_path / "no images"
     (empty / "blue").mkdir(parents=True)
     (empty / "blue" / "notes.txt").write_text("no image here")
-    refused = CliRunner().invoke(main, ["export", str(out), "--format", "tflite-int8", "--representative", str(empty)])
+    refused = CliRunner().invoke(main, ["export", str(out), "--format", "tflite-int8-full", "--representative", str(empty)])
     assert refused.exit_code == 1 and "has no usable images" in refused.stderr
 
 

@@ -134,7 +134,7 @@ SLIPS = {
     "cache clear on another program's cache": (lambda w: ["cache", "clear", "--cache-dir", str(w["other cache"]), "--yes"], "another program's cache"),
     "export into the image folder": (lambda w: ["export", str(w["photos"]), "--format", "tflite"], "cannot read"),
     "export over a user's file": (lambda w: ["export", str(w["model"]), "--format", "tflite-float16"], "was not written by retrain"),
-    "export calibrating from the model folder's parent": (lambda w: ["export", str(w["model"]), "--format", "tflite-int8", "--representative", str(w["tmp"])], "lies inside the representative folder"),
+    "export calibrating from the model folder's parent": (lambda w: ["export", str(w["model"]), "--format", "tflite-int8-full", "--representative", str(w["tmp"])], "lies inside the representative folder"),
 }
 
 

@@ -20,14 +20,14 @@ from retrain.evaluation.runner import TFLiteRunner
 
 FAST = dict(epochs=40, learning_rate=0.05, patience=10)
 # Largest probability difference from the SavedModel each format may show (quantization noise).
-MAX_ABS_DIFF = {"float32": 1e-4, "float16": 5e-3, "dynamic": 0.05, "int8": 0.1}
+MAX_ABS_DIFF = {"float32": 1e-4, "float16": 5e-3, "dynamic": 0.05, "int8": 0.05, "int8-full": 0.1}
 
 
 @pytest.fixture(scope="module")
 def all_formats(tiny_module, colour_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("formats") / "out"
     result = retrain.train(colour_dir, tiny_module, out, cache_dir=str(tmp_path_factory.mktemp("c")),
-                           quantize=("int8", "float16", "dynamic"), **FAST)
+                           quantize=("int8", "float16", "dynamic", "int8-full"), **FAST)
     return result, out
 
 
@@ -43,7 +43,7 @@ def test_each_format_runs_and_sums_to_one(all_formats, name):
     red[..., 0] = 220
     probabilities = runner.predict(red)
     assert probabilities.shape == (4, 3)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02 if name == "int8" else 1e-5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02 if name == "int8-full" else 1e-5)
     figures = result.metrics["tflite"][name]
     assert figures["file"] == path.name and figures["size_bytes"] == path.stat().st_size
     assert figures["n_images"] == result.split["test"]
@@ -62,11 +62,42 @@ def test_each_format_runs_and_sums_to_one(all_formats, name):
     assert np.abs(mine - reference).max() <= MAX_ABS_DIFF[name]
 
 
-def test_int8_file_is_full_integer(all_formats):
+def test_int8_full_file_is_full_integer(all_formats):
+    _, out = all_formats
+    runner = TFLiteRunner(out / "model_int8_full.tflite")
+    details = runner.interpreter.get_input_details()[0], runner.interpreter.get_output_details()[0]
+    assert [d["dtype"] for d in details] == [np.uint8, np.uint8]
+
+
+def test_int8_file_takes_uint8_and_holds_int8_weights(all_formats):
+    """The default int8 file (serving/mixed.py): uint8 images in, float probabilities out, int8
+    weights (the tiny module's two weighted ops are both late: the real module's early ones are
+    float16, tests/test_realdata.py)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from retrain.serving.mixed import weighted_ops
+
     _, out = all_formats
     runner = TFLiteRunner(out / "model_int8.tflite")
     details = runner.interpreter.get_input_details()[0], runner.interpreter.get_output_details()[0]
-    assert [d["dtype"] for d in details] == [np.uint8, np.uint8]
+    assert [d["dtype"] for d in details] == [np.uint8, np.float32]
+    assert np.int8 in {t["dtype"] for t in runner.interpreter.get_tensor_details()}
+    plain = flatbuffer_utils.read_model_from_bytearray(bytearray((out / "model.tflite").read_bytes()))
+    assert [name for name, _, _ in weighted_ops(plain)] == ["CONV_2D", "FULLY_CONNECTED"]  # the module's, the head
+
+
+def test_the_compact_recipe_gives_int8_from_the_output_back_until_the_share_is_reached():
+    from retrain.serving.mixed import compact_recipe
+
+    ops = [("CONV_2D", "first", 100), ("DEPTHWISE_CONV_2D", "second", 10), ("CONV_2D", "wide;late", 500),
+           ("FULLY_CONNECTED", "head", 400)]
+    recipe, summary = compact_recipe(ops, 0.7)
+    assert recipe[0]["regex"] == ".*" and recipe[0]["algorithm_key"] == "float_casting"  # float16 by default
+    int8 = [(r["regex"], r["operation"]) for r in recipe[1:]]
+    assert int8 == [("^head$", "FULLY_CONNECTED"), ("^wide;late$", "CONV_2D")]
+    assert all(r["op_config"]["weight_tensor_config"]["num_bits"] == 8 for r in recipe[1:])
+    assert summary == {"int8_ops": 2, "float16_ops": 2, "int8_weight_share": round(900 / 1010, 3)}
+    assert compact_recipe(ops, 0.0)[1]["int8_ops"] == 0 and compact_recipe(ops, 1.0)[1]["int8_ops"] == 4
 
 
 def test_model_card_lists_module_metrics_and_its_snippets_run(all_formats, tiny_module, colour_dir, tmp_path):
@@ -148,7 +179,7 @@ def test_evaluate_report_for_tflite_and_saved_model(all_formats, colour_dir, tmp
         assert str(model) in (report / "index.html").read_text()
 
 
-def test_export_int8_calibrates_on_training_images_only(all_formats, tmp_path, monkeypatch):
+def test_export_int8_full_calibrates_on_training_images_only(all_formats, tmp_path, monkeypatch):
     result, out = all_formats
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -160,7 +191,7 @@ def test_export_int8_calibrates_on_training_images_only(all_formats, tmp_path, m
         return real(images, *args)
 
     monkeypatch.setattr(retrain.api, "representative_images", spy)
-    retrain.export(copy, ["int8"])
+    retrain.export(copy, ["int8-full"])
     split = retrain.api.split_dataset(json.loads((copy / "run.json").read_text())["image_dir"])
     assert {i.path for i in seen} == {i.path for i in split.train}
 
@@ -173,7 +204,7 @@ def test_one_reused_converter_writes_the_same_files_as_fresh_ones(all_formats, t
     rng = np.random.default_rng(0)
     representative = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(8)]
     labels = ["blue", "green", "red"]
-    order = ["int8", "float16", "dynamic", "float32"]  # int8 first: its settings must not leak
+    order = ["int8-full", "int8", "float16", "dynamic", "float32"]  # int8-full first: its settings must not leak
     shared = tflite_converter(saved_model)
     metadata = {"name": "test", "description": "d", "version": "0", "height": 32, "width": 32,
                 "input_description": "i", "output_description": "o"}

@@ -144,7 +144,7 @@ def _io_lines(height: int, width: int, n_classes: int) -> list[str]:
         f"- TFLite files: input uint8 `[1, {height}, {width}, 3]` RGB; the app resizes the image to {height}x{width} "
         "(bilinear with half-pixel centres and no antialiasing, as `tf.image.resize`; no crop, aspect ratio not kept) "
         "before calling the model, as the snippet below does. Output: probabilities `[1, "
-        f"{n_classes}]` (float32; uint8 with scale 1/256 in the int8 file). The labels are inside each file "
+        f"{n_classes}]` (float32; uint8 with scale 1/256 in the int8-full file). The labels are inside each file "
         "(TFLite metadata, output tensor associated file `labels.txt`) and beside it in `labels.txt`.",
         "",
     ]
@@ -215,7 +215,7 @@ def _snippet_lines(height: int, width: int) -> list[str]:
         f'interpreter.set_tensor(inp["index"], resize(image, {height}, {width})[None])',
         "interpreter.invoke()",
         'scores = interpreter.get_tensor(out["index"])[0].astype(np.float32)',
-        'if out["dtype"] != np.float32:  # int8 file: dequantize',
+        'if out["dtype"] != np.float32:  # int8-full file: dequantize',
         '    scale, zero_point = out["quantization"]',
         "    scores = (scores - zero_point) * scale",
         "print(labels[int(scores.argmax())], float(scores.max()))",

@@ -109,10 +109,10 @@ def write_tflite_variants(source, directory: Path, formats, classes, representat
     Quantized variants are compared with float32's accuracy: the one written now, else
     ``float32_accuracy`` (from an earlier export)."""
     paths, figures, warnings = {}, {}, []
-    converter = tflite_converter(source)
+    converter, converted = tflite_converter(source), {}
     for name in formats:
         fmt = TFLITE_FORMATS[name]
-        path = export_tflite(source, directory / fmt.filename, name, classes, representative, metadata, converter)
+        path = export_tflite(source, directory / fmt.filename, name, classes, representative, metadata, converter, converted)
         paths[name] = path
         if test.pixels is not None:
             figures[name] = check_tflite(path, test.reference, test.pixels, test.labels)
@@ -132,7 +132,29 @@ def write_tflite_variants(source, directory: Path, formats, classes, representat
                 f"tflite {name} agrees with the trained model on only {100 * row['agreement']:.1f}% of test images "
                 f"(expected at least {100 * TFLITE_FORMATS[name].agreement_tolerance:.1f}%)"
             )
+    missed = [name for name, row in figures.items() if not _faithful(name, row, max_accuracy_drop)]
+    if missed:
+        warnings.append(_ship_instead(missed, figures, max_accuracy_drop))
     return paths, figures, warnings
+
+
+def _faithful(name: str, row: dict, max_accuracy_drop: float) -> bool:
+    """Within the accuracy drop allowed and the format's agreement with the trained model."""
+    return (row.get("accuracy_drop_points", 0.0) <= max_accuracy_drop
+            and row["agreement"] >= TFLITE_FORMATS[name].agreement_tolerance)
+
+
+def _ship_instead(missed: list[str], figures: dict, max_accuracy_drop: float) -> str:
+    """Which written file to ship when a quantized one misses: the smallest that passes."""
+    passing = [name for name, row in figures.items() if name not in missed and _faithful(name, row, max_accuracy_drop)]
+    files = ", ".join(figures[name]["file"] for name in missed)
+    if not passing:
+        return f"{files}: no TFLite file written passes its checks; ship the SavedModel, or retrain with more images"
+    best = min(passing, key=lambda name: figures[name]["size_bytes"])
+    row = figures[best]
+    hint = "" if "float16" in figures else "; `retrain export OUT --format tflite-float16` may give a smaller one that passes"
+    return (f"ship {row['file']} instead of {files} ({100 * row['agreement']:.1f}% agreement, "
+            f"{row['size_bytes'] / 1e6:.2f} MB){hint}")
 
 
 def tflite_metadata(info, classes, fine_tuned: bool = False) -> dict:

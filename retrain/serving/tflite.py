@@ -147,6 +147,12 @@ def _int8(converter, representative):
     converter.inference_output_type = tf.uint8
 
 
+def _compact(flatbuffer: bytes) -> bytes:
+    from .mixed import quantize_compact
+
+    return quantize_compact(flatbuffer)[0]
+
+
 @dataclass(frozen=True)
 class TFLiteFormat:
     name: str
@@ -155,6 +161,8 @@ class TFLiteFormat:
     configure: Callable
     needs_representative: bool = False
     agreement_tolerance: float = 0.995  # minimum top-1 agreement with the SavedModel expected
+    # applied to the converted flatbuffer (``configure`` then only sets the conversion up)
+    postprocess: Callable[[bytes], bytes] | None = None
 
     @property
     def export_name(self) -> str:
@@ -166,9 +174,12 @@ TFLITE_FORMATS = {
     f.name: f
     for f in (
         TFLiteFormat("float32", "model.tflite", "float32 weights and activations", _float32),
+        TFLiteFormat("int8", "model_int8.tflite", "int8 weights in the late layers, float16 in the early ones, "
+                     "float compute (serving/mixed.py)", _float32, agreement_tolerance=0.95, postprocess=_compact),
         TFLiteFormat("dynamic", "model_dynamic.tflite", "int8 weights, float activations (dynamic range)", _dynamic, agreement_tolerance=0.98),
         TFLiteFormat("float16", "model_float16.tflite", "float16 weights", _float16, agreement_tolerance=0.99),
-        TFLiteFormat("int8", "model_int8.tflite", "full integer: uint8 input and output, int8 inside", _int8, True, agreement_tolerance=0.95),
+        TFLiteFormat("int8-full", "model_int8_full.tflite", "full integer: uint8 input and output, int8 inside "
+                     "(integer-only accelerators)", _int8, True, agreement_tolerance=0.95),
     )
 }
 
@@ -217,11 +228,14 @@ def export_tflite(
     representative: Iterable[np.ndarray] | None,
     metadata: dict,
     converter=None,
+    converted: dict | None = None,
 ) -> Path:
     """Convert the ``serving_fixed`` function of ``source`` (see ``tflite_converter``) to one TFLite
     variant, with its labels inside: TFLite metadata (read by on-device tooling) plus labels.txt
     as a packed associated file, and the ``serving_fixed`` SignatureDef (``images`` ->
-    ``probabilities``). ``converter``: one from ``tflite_converter(source)``, to reuse across variants."""
+    ``probabilities``). ``converter``: one from ``tflite_converter(source)``, to reuse across variants;
+    ``converted``: a dict shared across variants, holding the float32 conversion that the variants
+    quantized after conversion (``postprocess``) start from."""
     fmt = tflite_format(format_name)
     if fmt.needs_representative and representative is None:
         raise ConfigError(f"TFLite format {fmt.name} needs representative images")
@@ -234,11 +248,19 @@ def export_tflite(
             yield [np.asarray(image, np.uint8)[None]]
 
     fmt.configure(converter, representative_dataset)
-    with quiet_stderr(), warnings.catch_warnings():  # the calibrator prints its settings on stderr
-        # The frozen-graph path asks for uint8 input statistics that post-training quantization
-        # takes from calibration instead: the input's quantization is the same as from a SavedModel.
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-        flatbuffer = converter.convert()
+    if fmt.configure is _float32 and converted is not None and "float32" in converted:
+        flatbuffer = converted["float32"]  # the same conversion: done once per export
+    else:
+        with quiet_stderr(), warnings.catch_warnings():  # the calibrator prints its settings on stderr
+            # The frozen-graph path asks for uint8 input statistics that post-training quantization
+            # takes from calibration instead: the input's quantization is the same as from a SavedModel.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+            flatbuffer = converter.convert()
+        if fmt.configure is _float32 and converted is not None:
+            converted["float32"] = flatbuffer
+    if fmt.postprocess is not None:
+        with quiet_stderr():
+            flatbuffer = fmt.postprocess(flatbuffer)
     from .metadata import add_metadata
 
     flatbuffer = add_metadata(flatbuffer, labels, signature=(SIGNATURE_FIXED, "images", OUTPUT_KEY),
