@@ -14,6 +14,8 @@ Measures, in one run on this machine, what caching bottlenecks is for:
 8. tflite-predict  ``predict`` / ``evaluate`` on a .tflite file without TensorFlow: top-1 agreement
                 with the TensorFlow decode path on the validation folder, and ``import tensorflow``
                 against a one-image ``retrain predict``
+9. head-streaming  the minibatch head streamed from disk on 100k and 1M synthetic vectors (1M: 5.1 GB in the
+                scratch folder): peak memory flat, time linear
 
 Prints a table with PASS / MISS against each target and saves everything, with the machine, as
 JSON in bench/results/. Data come from ``--data`` (``$RETRAIN_DATA``, default ../shared/data).
@@ -33,14 +35,17 @@ from pathlib import Path
 
 from .common import ROOT, BenchError, Context, Row, load_snapshot
 
-PARTS = ("extraction", "cold-warm", "baseline", "head", "memory", "tflite", "few-shot", "tflite-predict")
+PARTS = ("extraction", "cold-warm", "baseline", "head", "memory", "tflite", "few-shot", "tflite-predict", "head-streaming")
 LABELS = {"extraction": "1 extraction", "cold-warm": "2 cold/warm", "baseline": "3 baseline", "head": "4 head",
-          "memory": "5 memory", "tflite": "6 tflite", "few-shot": "7 few-shot", "tflite-predict": "8 tflite-predict"}
+          "memory": "5 memory", "tflite": "6 tflite", "few-shot": "7 few-shot", "tflite-predict": "8 tflite-predict",
+          "head-streaming": "9 head-streaming"}
 
 FULL = {"extract_images": 2000, "rounds": 4, "limit_per_class": 0, "head_sizes": [2000, 20000, 200000],
-        "head_epochs": 10, "memory_sizes": [5000, 50000], "latency_invokes": 100}
+        "head_epochs": 10, "memory_sizes": [5000, 50000], "latency_invokes": 100, "stream_sizes": [100000, 1000000],
+        "stream_epochs": 2}
 QUICK = {"extract_images": 512, "rounds": 2, "limit_per_class": 150, "head_sizes": [2000, 20000, 50000],
-         "head_epochs": 3, "memory_sizes": [1000, 5000], "latency_invokes": 30}
+         "head_epochs": 3, "memory_sizes": [1000, 5000], "latency_invokes": 30, "stream_sizes": [20000, 100000],
+         "stream_epochs": 1}
 
 
 def _default_data() -> str:
@@ -77,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     sizes.add_argument("--head-epochs", type=int, help=f"epochs per head training in part 4 [{FULL['head_epochs']}]")
     sizes.add_argument("--memory-sizes", type=_int_list, help="generated image counts for part 5 [5000,50000]")
     sizes.add_argument("--latency-invokes", type=int, help=f"timed invokes per TFLite file [{FULL['latency_invokes']}]")
+    sizes.add_argument("--stream-sizes", type=_int_list, help="vector counts for part 9 [100000,1000000]")
+    sizes.add_argument("--stream-epochs", type=int, help=f"epochs per head training in part 9 [{FULL['stream_epochs']}]")
     args = parser.parse_args(argv)
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in only if p not in PARTS]
@@ -124,6 +131,8 @@ def _part_function(name: str):
         from .fewshot import run
     elif name == "tflite-predict":
         from .tflite_predict import run
+    elif name == "head-streaming":
+        from .head_streaming import run
     else:
         from .tool_runs import tflite_latency as run
     return run

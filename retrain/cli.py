@@ -7,9 +7,10 @@ import json
 import click
 
 from . import __version__, progress
-from .config import AUGMENT_COPIES, CLASS_WEIGHTS, HEADS, TrainConfig
+from .config import AUGMENT_COPIES, CLASS_WEIGHTS, EXTRACT_BACKENDS, HEADS, TrainConfig
 from .cli_text import accuracy, balance_line, fine_tune_line, head_line, label_errors_line, tflite_table
 from .errors import RetrainError
+from .features.lite import AUTO_MIN_IMAGES
 from .serving.tflite import TFLITE_FORMATS
 
 # Both choice lists come from the one format table (export.TFLITE_FORMATS).
@@ -108,6 +109,14 @@ def main():
 @click.option("--patience", type=int, default=DEFAULTS.patience, show_default=True, help="Epochs without validation-loss improvement before stopping (0: never stop early).")
 @click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Head training batch size.")
 @click.option("--extract-batch-size", type=int, default=None, show_default="128 at 224x224, fewer for larger images", help="Images per module call when computing bottlenecks.")
+@click.option("--extract-backend", type=click.Choice(EXTRACT_BACKENDS), default=DEFAULTS.extract_backend, show_default=True,
+              help="What computes bottlenecks: 'litert' (LiteRT's XNNPACK kernels, faster on a CPU; the module is "
+                   "converted once and cached), 'tensorflow', or 'auto': LiteRT on a CPU when the converted module is "
+                   f"cached or {AUTO_MIN_IMAGES:,} or more images are to be computed. LiteRT's vectors are checked "
+                   "against TensorFlow's on a probe batch first.")
+@click.option("--devices", type=int, default=DEFAULTS.devices, show_default="every GPU when two or more are visible, else one",
+              help="Devices to extract and fine-tune on, under tf.distribute.MirroredStrategy, each batch split "
+                   "over them (--extract-batch-size and --fine-tune-batch-size are per device); 1: one device.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=DEFAULTS.optimizer, show_default=True)
 @click.option("--learning-rate", type=float, default=DEFAULTS.learning_rate, show_default=True)
 @click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True, help="SGD momentum.")
@@ -356,7 +365,8 @@ def cache_info(cache_dir, quiet, as_json):
         return
     click.echo(f"cache: {summary['path']} ({summary['bytes'] / 1e6:.1f} MB)")
     for entry in summary["entries"]:
-        click.echo(f"  {entry['name']}: {entry['vectors']} vectors in {entry['shards']} shard(s), {entry['bytes'] / 1e6:.1f} MB")
+        click.echo(f"  {entry['name']}: {entry['vectors']} vectors in {entry['shards']} shard(s), {entry['bytes'] / 1e6:.1f} MB "
+                   f"(index {entry['index_bytes'] / 1e6:.1f} MB)")
 
 
 @cache.command("clear")

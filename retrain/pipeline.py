@@ -20,11 +20,13 @@ import numpy as np
 from .config import TrainConfig
 from .data.augment import DEFAULT_AUGMENTATION, augmented_cache, extract_augmented_bottlenecks
 from .data.dataset import Split, split_dataset
+from .distribute import choose_devices
 from .errors import AccuracyError, ConfigError, DatasetError
 from .evaluation.evaluate import classification_metrics, small_set_note, wilson_interval
 from .evaluation.label_errors import PAGE as LABEL_ERRORS_PAGE
 from .evaluation.label_errors import find_label_errors, write_label_error_page
-from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
+from .features.bottlenecks import BottleneckCache, StoredVectors, clean_stale_temporaries, extract_bottlenecks
+from .features.lite import ExtractionBackend
 from .features.module import LoadedModule, check_module, load_module
 from .files import staged_output
 from .records import MODEL_CARD_FILE, METRICS_FILE, RUN_FILE, SAVED_MODEL_DIR, Stopwatch, TrainResult, write_records
@@ -33,7 +35,7 @@ from .serving.checks import (TestSet, batched, representative_images, test_pixel
                              write_tflite_variants)
 from .serving.tflite import LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format
 from .training.finetune import fine_tune, trainable_module_variables
-from .training.head import Head, balanced_class_weights, choose_solver, class_counts, fit_head
+from .training.head import Head, balanced_class_weights, choose_solver, class_counts, fit_head, should_stream
 
 # --- prepare: every refusal before any work -------------------------------------------------------
 
@@ -44,7 +46,8 @@ class Prepared:
     output: Path  # as given (artifacts name it so)
     split: Split
     module: LoadedModule
-    batch: int  # images per module call
+    batch: int  # images per module call (per device: with several replicas, extraction calls take batch x replicas)
+    replicas: object = None  # distribute.Replicas on several devices; None on one (no strategy)
 
 
 def output_target(output: str | os.PathLike) -> Path:
@@ -83,13 +86,27 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
                           "use --validation-percent above 0 or --validation-dir")
     with watch("module"):
         loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
-                             records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops)
+                             records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops,
+                             slim_dir=None if config.fine_tune else config.resolved_cache_dir)
         check_apart({"output folder": output, "cache folder": config.resolved_cache_dir},
                     {"module folder": loaded.info.path})  # a URL's folder in the TF Hub cache
         if config.fine_tune:
             trainable_module_variables(loaded)  # a module that cannot be fine-tuned fails before any work
+        replicas = choose_devices(config.devices, config.extract_backend)
+        if replicas is not None:
+            replicas.load(loaded)
     spec = loaded.info.input_spec
-    return Prepared(config, output, split, loaded, config.batch_for_images(spec.height, spec.width))
+    return Prepared(config, output, split, loaded, config.batch_for_images(spec.height, spec.width), replicas)
+
+
+def device_record(prep: Prepared) -> dict:
+    """What run.json and the JSON say about the devices: replicas and the batches they ran."""
+    count = 1 if prep.replicas is None else prep.replicas.count
+    record = {"replicas": 1, "strategy": None} if prep.replicas is None else prep.replicas.record()
+    record["extract_batch_size"] = prep.batch * count
+    if prep.config.fine_tune:
+        record["fine_tune_batch_size"] = prep.config.fine_tune_batch_size * count
+    return record
 
 
 # --- features: bottlenecks (and augmented copies) from the cache ------------------------------------
@@ -101,7 +118,7 @@ class Features:
     cache: dict  # hits, misses, corrupt_shards, dir
     skipped: list[dict]
     folded: int  # validation images folded into training
-    head_x: np.ndarray  # training vectors, augmented copies after the originals
+    head_x: np.ndarray | StoredVectors  # training vectors, augmented copies after the originals (StoredVectors: streamed)
     head_y: np.ndarray
     groups: np.ndarray | None  # an image and its copies share a cross-validation fold
     augment: dict
@@ -110,6 +127,16 @@ class Features:
 def arrays(images, vectors, dim: int):
     x = np.stack([vectors[i.content_hash] for i in images]) if images else np.zeros((0, dim), np.float32)
     return x, np.asarray([i.label for i in images], np.int64)
+
+
+def training_vectors(images, vectors, dim: int, stream: bool):
+    """The head's training vectors and labels: an array, or with ``stream`` (more vectors than the
+    head's memory budget, training/head.py) ``StoredVectors`` that read them from the run's vector
+    store on disk a buffer at a time, so that no array of all of them is ever made."""
+    if not stream:
+        return arrays(images, vectors, dim)
+    rows = vectors.rows_of([i.content_hash for i in images])
+    return StoredVectors([(vectors, rows)]), np.asarray([i.label for i in images], np.int64)
 
 
 def _check_unusable(split, skipped, max_fraction: float) -> None:
@@ -148,7 +175,14 @@ def compute_features(prep: Prepared, watch: Stopwatch) -> Features:
         clean_stale_temporaries(cache_root)
         cache = BottleneckCache(cache_root, loaded.info.fingerprint, loaded.info.input_spec.key())
         everything = split.train + split.validation + split.test
-        bottlenecks = extract_bottlenecks(everything, loaded, cache, prep.batch)
+        extractor, batch = loaded, prep.batch
+        if prep.replicas is None:
+            backend = ExtractionBackend(loaded, cache_root, config.extract_backend)  # TensorFlow or LiteRT
+        else:  # TensorFlow on every replica (distribute.py), each batch scaled by their number
+            extractor, batch = prep.replicas.extractor, batch * prep.replicas.count
+            backend = prep.replicas.backend(config.extract_backend)
+        bottlenecks = extract_bottlenecks(everything, extractor, cache, batch, backend=backend)
+    split.warnings.extend(backend.warnings)
     classes_by_path = {image.path: split.classes[image.label] for image in everything}
     skipped = list(split.skipped) + [
         {**item, "class": classes_by_path.get(item["path"]), "unusable": True} for item in bottlenecks.skipped
@@ -157,24 +191,32 @@ def compute_features(prep: Prepared, watch: Stopwatch) -> Features:
         setattr(split, name, [i for i in getattr(split, name) if i.content_hash in bottlenecks.vectors])
     _check_unusable(split, skipped, config.max_unusable_fraction)
     folded = fold_validation(split, config)
-    head_x, head_y = arrays(split.train, bottlenecks.vectors, loaded.info.feature_dim)
     groups, augment = None, {}
     copies = config.resolved_augment_copies
+    dim = loaded.info.feature_dim
+    n_vectors = len(split.train) * (1 + (copies or 0))
+    stream = choose_solver(config.head, n_vectors) == "minibatch" and should_stream(n_vectors, dim)
+    head_x, head_y = training_vectors(split.train, bottlenecks.vectors, dim, stream)
     if config.augment:
         augment = {"settings": DEFAULT_AUGMENTATION.to_dict(), "copies": copies, "on_the_fly": config.fine_tune}
     if copies:  # training images only: validation and test stay as they are
         with watch("augment"):
             store = augmented_cache(cache_root, loaded.info, DEFAULT_AUGMENTATION)
-            augmented, keys = extract_augmented_bottlenecks(split.train, loaded, store, copies, DEFAULT_AUGMENTATION,
-                                                            prep.batch)
+            augmented, keys = extract_augmented_bottlenecks(split.train, extractor, store, copies, DEFAULT_AUGMENTATION,
+                                                            batch)
         augment["cache"] = {"hits": augmented.hits, "misses": augmented.misses,
                             "corrupt_shards": len(augmented.corrupt_shards), "dir": str(store.dir)}
-        copy_x = np.stack([augmented.vectors[key] for row in keys for key in row])
+        copy_keys = [key for row in keys for key in row]
         n = len(head_y)
         groups = np.concatenate([np.arange(n), np.repeat(np.arange(n), copies)])
-        head_x, head_y = np.concatenate([head_x, copy_x]), np.concatenate([head_y, np.repeat(head_y, copies)])
+        if stream:
+            head_x = StoredVectors(head_x.parts + [(augmented.vectors, augmented.vectors.rows_of(copy_keys))])
+        else:
+            head_x = np.concatenate([head_x, np.stack([augmented.vectors[key] for key in copy_keys])])
+        head_y = np.concatenate([head_y, np.repeat(head_y, copies)])
     return Features(bottlenecks.vectors, {"hits": bottlenecks.hits, "misses": bottlenecks.misses,
-                                          "corrupt_shards": len(bottlenecks.corrupt_shards), "dir": str(cache.dir)},
+                                          "corrupt_shards": len(bottlenecks.corrupt_shards), "dir": str(cache.dir),
+                                          "backend": backend.record},
                     skipped, folded, head_x, head_y, groups, augment)
 
 
@@ -217,7 +259,8 @@ def train_head_stage(prep: Prepared, features: Features, watch: Stopwatch) -> He
                                        "accuracy_interval": wilson_interval(correct, cv["n_images"]),
                                        "folds": cv["folds"], "c": cv["c"]}
     errors = [] if head.out_of_fold is None else find_label_errors(split.train, head.out_of_fold, split.classes)
-    record = {**head.record(), "training_vectors": int(len(features.head_x)), "validation_folded": features.folded}
+    record = {**head.record(), "training_vectors": int(len(features.head_x)), "validation_folded": features.folded,
+              "streamed": isinstance(features.head_x, StoredVectors)}
     return HeadStage(head, class_weights, balance, record, metrics, errors)
 
 
@@ -243,7 +286,8 @@ def fine_tune_stage(prep: Prepared, stage: HeadStage, metrics: dict, watch: Stop
     split = prep.split
     with watch("fine_tune"):
         fine = fine_tune(prep.module, head.kernel, head.bias, split.train, split.validation, len(split.classes),
-                         prep.config, stage.class_weights, DEFAULT_AUGMENTATION if prep.config.augment else None)
+                         prep.config, stage.class_weights, DEFAULT_AUGMENTATION if prep.config.augment else None,
+                         replicas=prep.replicas)
     module_record.update(weights_changed=fine.weights_changed, weights_fingerprint=fine.weights_fingerprint)
     metrics["validation"] = classification_metrics(fine.validation_labels, fine.validation_probabilities.argmax(1),
                                                    split.classes)
@@ -356,6 +400,7 @@ def train(image_dir: str | os.PathLike, module: str, output: str | os.PathLike, 
             cache=features.cache, module=tuned.module, skipped=features.skipped, warnings=list(split.warnings),
             artifacts=artifacts, head=stage.record, label_errors=stage.label_errors,
             class_balance=stage.class_balance, augment=features.augment, fine_tune=tuned.record,
+            devices=device_record(prep),
         )
         write_records(image_dir, result, config, folder)
     return result

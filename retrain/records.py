@@ -40,6 +40,7 @@ class TrainResult:
     class_balance: dict = field(default_factory=dict)  # train images per class, imbalance ratio, class weights
     augment: dict = field(default_factory=dict)  # settings and augmented copies (empty without --augment)
     fine_tune: dict = field(default_factory=dict)  # stage 2 (empty without --fine-tune)
+    devices: dict = field(default_factory=dict)  # replicas (1: no strategy), strategy, devices, batches as run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,9 +87,11 @@ def write_records(image_dir, result: TrainResult, config: TrainConfig, folder: P
         "image_dir": str(Path(image_dir).expanduser().resolve()),
         "config": config.to_dict(),
         **{key: getattr(result, key) for key in ("module", "classes", "split", "split_per_class", "head",
-                                                  "label_errors", "class_balance", "augment", "fine_tune")},
+                                                  "label_errors", "class_balance", "augment", "fine_tune",
+                                                  "devices")},
         "metrics_file": METRICS_FILE,
-        "cache": {"hits": result.cache["hits"], "misses": result.cache["misses"]},
+        "cache": {"hits": result.cache["hits"], "misses": result.cache["misses"],
+                  "backend": result.cache.get("backend")},  # what computed this run's vectors (features/lite.py)
         "skipped": result.skipped,
         "versions": _package_versions(),
     }

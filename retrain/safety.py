@@ -206,18 +206,54 @@ TAG_TEXT = (f"{TAG_SIGNATURE}\n"
 MODULE_RECORDS = "modules.json"
 
 # The cache's own names: entry folders <module fingerprint[:16]>-<preprocessing key>[-aug<key>],
-# shards <checksum[:32]>.npz, temporary shards, damaged shards set aside, and the records file.
+# shards <checksum[:32]>.npz, each shard's key file <checksum[:32]>.keys, the compacted index
+# index.bin, their temporary files, damaged shards set aside, and the records file.
 ENTRY_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{12}(-aug[0-9a-f]{12})?")
 SHARD_NAME = re.compile(r"[0-9a-f]{32}\.npz")
-TEMPORARY_SHARD = re.compile(r"\.tmp-\d+-[0-9a-f]{32}\.npz")
+SHARD_KEYS_NAME = re.compile(r"[0-9a-f]{32}\.keys")
+INDEX_NAME = re.compile(r"index\.bin")
+TEMPORARY_SHARD = re.compile(r"\.tmp-\d+-[0-9a-f]{32}\.(npz|keys|bin)")
 SET_ASIDE_SHARD = re.compile(r"\.corrupt-[0-9a-f]{32}-[0-9a-f]{8}")
 TOP_FILES = re.compile(rf"{re.escape(CACHEDIR_TAG)}|{re.escape(MODULE_RECORDS)}|\.{re.escape(MODULE_RECORDS)}\.[0-9a-f]{{8}}"
                        rf"|\.{re.escape(CACHEDIR_TAG)}\.[0-9a-f]{{8}}")
-ENTRY_FILES = (SHARD_NAME, TEMPORARY_SHARD, SET_ASIDE_SHARD)
+ENTRY_FILES = (SHARD_NAME, SHARD_KEYS_NAME, INDEX_NAME, TEMPORARY_SHARD, SET_ASIDE_SHARD)
+# Modules converted for LiteRT extraction (features/lite.py): CACHE/litert/<fingerprint[:16]>-<preprocessing
+# key>.tflite, and write_atomic's temporary sibling of one (a killed conversion leaves it behind).
+CONVERTED_DIR = "litert"
+CONVERTED_MODULE = re.compile(r"[0-9a-f]{16}-[0-9a-f]{12}\.tflite")
+CONVERTED_TEMPORARY = re.compile(r"\.[0-9a-f]{16}-[0-9a-f]{12}\.tflite\.[0-9a-f]{8}")
+CONVERTED_FILES = (CONVERTED_MODULE, CONVERTED_TEMPORARY)
+# Modules' slim copies (features/slim.py): CACHE/slim/<fingerprint[:16]>-<uuid>/ (a SavedModel), and
+# the records naming them, <fingerprint[:32]>-<image size or native>.json, with write_atomic's temporaries.
+SLIM_DIR = "slim"
+SLIM_COPY = re.compile(r"[0-9a-f]{16}-[0-9a-f]{32}")
+SLIM_RECORD = re.compile(r"[0-9a-f]{32}-(native|\d+)\.json")
+SLIM_RECORD_TEMPORARY = re.compile(r"\.[0-9a-f]{32}-(native|\d+)\.json\.[0-9a-f]{8}")
+SAVED_MODEL_NAMES = {"saved_model.pb", "fingerprint.pb", "variables", "assets"}
 
 
-def is_entry_file(path: Path) -> bool:
-    return path.is_file() and not path.is_symlink() and any(p.fullmatch(path.name) for p in ENTRY_FILES)
+def _slim_stray(folder: Path) -> str | None:
+    """The first thing in the slim folder that features/slim.py would not have written, or None."""
+    for inner in sorted(folder.iterdir()):
+        if inner.is_symlink():
+            return inner.name
+        if inner.is_dir() and SLIM_COPY.fullmatch(inner.name):
+            stray = next((c.name for c in sorted(inner.iterdir()) if c.name not in SAVED_MODEL_NAMES), None)
+            if stray is not None:
+                return f"{inner.name}/{stray}"
+        elif not (inner.is_file() and (SLIM_RECORD.fullmatch(inner.name) or SLIM_RECORD_TEMPORARY.fullmatch(inner.name))):
+            return inner.name
+    return None
+
+
+def is_entry_file(path: Path, kinds=ENTRY_FILES) -> bool:
+    return path.is_file() and not path.is_symlink() and any(p.fullmatch(path.name) for p in kinds)
+
+
+def converted_dir(root: Path) -> Path | None:
+    """The cache's folder of converted modules, when it is there (a link is not it)."""
+    folder = root / CONVERTED_DIR
+    return folder if folder.is_dir() and not folder.is_symlink() else None
 
 
 def cache_entries(root: Path) -> list[Path]:
@@ -242,9 +278,14 @@ def _not_cache_shaped(root: Path) -> str | None:
     for path in sorted(root.iterdir()):
         if path.is_symlink():
             return path.name
-        if path.is_dir() and ENTRY_NAME.fullmatch(path.name):
+        if path.is_dir() and path.name == SLIM_DIR:
+            stray = _slim_stray(path)
+            if stray is not None:
+                return f"{path.name}/{stray}"
+        elif path.is_dir() and (ENTRY_NAME.fullmatch(path.name) or path.name == CONVERTED_DIR):
+            kinds = CONVERTED_FILES if path.name == CONVERTED_DIR else ENTRY_FILES
             for inner in sorted(path.iterdir()):
-                if not is_entry_file(inner):
+                if not is_entry_file(inner, kinds):
                     return f"{path.name}/{inner.name}"
         elif not (path.is_file() and TOP_FILES.fullmatch(path.name)):
             return path.name
@@ -290,11 +331,12 @@ def ensure_cache(root: str | os.PathLike) -> Path:
     return root
 
 
-def remove_entry_files(entry: Path, files: Iterable[Path] | None = None) -> int:
-    """Delete the cache's own files in one entry folder (all, or ``files``), then the folder if empty."""
+def remove_entry_files(entry: Path, files: Iterable[Path] | None = None, kinds=ENTRY_FILES) -> int:
+    """Delete the cache's own files in one entry folder (all, or ``files``), then the folder if empty.
+    ``kinds``: the names that folder's files have (``CONVERTED_FILES`` in the converted modules' folder)."""
     removed = 0
     for path in (sorted(entry.iterdir()) if files is None else files):
-        if path.parent == entry and is_entry_file(path):
+        if path.parent == entry and is_entry_file(path, kinds):
             path.unlink(missing_ok=True)
             removed += 1
     if files is None:
@@ -305,8 +347,16 @@ def remove_entry_files(entry: Path, files: Iterable[Path] | None = None) -> int:
     return removed
 
 
+def clear_converted(root: Path) -> int:
+    """Delete the converted modules (and their leftover temporaries) in a cache; returns how many."""
+    folder = converted_dir(root)
+    return 0 if folder is None else remove_entry_files(folder, kinds=CONVERTED_FILES)
+
+
 __all__ = [
     "MODEL", "REPORT", "MODULE", "OutputKind", "STAGE_MARK", "check_output_folder", "why_not_replaceable", "manifest",
     "files_under", "written_by_tool", "check_apart", "overlap", "CACHEDIR_TAG", "check_cache_folder", "ensure_cache", "why_not_cache",
-    "cache_entries", "remove_entry_files", "is_entry_file", "TEMPORARY_SHARD",
+    "cache_entries", "remove_entry_files", "is_entry_file", "TEMPORARY_SHARD", "SHARD_NAME", "SHARD_KEYS_NAME",
+    "INDEX_NAME", "CONVERTED_DIR", "CONVERTED_FILES",
+    "converted_dir", "clear_converted",
 ]

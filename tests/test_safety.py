@@ -215,13 +215,16 @@ def test_cache_clear_removes_only_the_cache_files(world):
     entry = safety.cache_entries(cache)[0]
     (entry / "mine.npz").write_bytes(b"not a shard name the cache uses")
     shards = [p for p in entry.iterdir() if safety.SHARD_NAME.fullmatch(p.name)]
-    assert shards
+    key_files = [p for p in entry.iterdir() if safety.SHARD_KEYS_NAME.fullmatch(p.name)]  # the index: one per shard
+    assert shards and len(key_files) == len(shards)
+    (entry / "mine.keys").write_bytes(b"not a key file name the cache uses")
     done = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", str(cache), "--yes"], catch_exceptions=False)
     assert done.exit_code == 0, done.output
-    assert done.stdout.startswith(f"removed {len(shards)} file(s)")
+    assert done.stdout.startswith(f"removed {len(shards) + len(key_files)} file(s)")
+    assert (entry / "mine.keys").read_bytes() == b"not a key file name the cache uses"
     assert (cache / "my file.txt").read_text() == "mine"
     assert (entry / "mine.npz").read_bytes() == b"not a shard name the cache uses"
-    assert not any(p.exists() for p in shards)
+    assert not any(p.exists() for p in shards + key_files)
     assert (cache / "CACHEDIR.TAG").read_text().startswith(safety.TAG_SIGNATURE)
 
 
@@ -307,7 +310,8 @@ def test_the_final_move_checks_the_target_again(tmp_path):
 DELETING_CALLS = {
     "api.py": (1, "export: os.replace of a converted TFLite file over the same name in a retrain model "
                   "(refused when that name is not the tool's)", "export over a user's file"),
-    "features/bottlenecks.py": (3, "a damaged shard set aside; its own temporary shard; (write) only inside a tagged cache",
+    "features/bottlenecks.py": (3, "a damaged shard set aside; its own temporary file (shard, key file, index); "
+                                   "(write) only inside a tagged cache",
                        "test_cache_clear_removes_only_the_cache_files"),
     "files.py": (11, "staging folders with the stage mark; the earlier output after why_not_replaceable; "
                     "write_atomic's own temporary file", "test_staging_leftovers_are_removed_only_when_marked"),

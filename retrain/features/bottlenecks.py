@@ -5,11 +5,14 @@ holds the content hashes (keys) and vectors of one batch of writes plus a checks
 Shards are written to a temporary file and renamed into place, so a crash or a concurrent
 run never leaves a partial entry; a shard whose checksum fails is set aside and its vectors
 recomputed. Keys are SHA-256 of the image bytes, so renamed or duplicated files hit the cache.
+Each shard has a key file beside it and the entry a compacted index of them (see "the index"
+below): a lookup reads the shards holding the keys asked for, whatever the size of the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import uuid
@@ -22,7 +25,9 @@ import numpy as np
 
 from .. import progress
 from ..data.images import iter_image_batches
-from ..safety import TEMPORARY_SHARD, cache_entries, check_cache_folder, ensure_cache, remove_entry_files
+from ..errors import OutputError
+from ..safety import (SHARD_KEYS_NAME, SHARD_NAME, TEMPORARY_SHARD, cache_entries, check_cache_folder, clear_converted,
+                      ensure_cache, remove_entry_files)
 
 SHARD_SIZE = 512  # vectors per shard: bounds memory while extracting and the work lost to a kill
 
@@ -33,6 +38,188 @@ def _checksum(keys: np.ndarray, vectors: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+# --- the index: key -> shard, so that a lookup reads what it asks for --------------------------------
+#
+# Beside each shard ``<name>.npz`` its writer puts ``<name>.keys`` (the shard's keys, written after
+# the shard, atomically); now and then a lookup merges the key files of the shards written since
+# into ``index.bin`` (sorted keys and their shards, written atomically, read by binary search on a
+# memory map). Every file is immutable once it has its name and no lock is taken: a reader unions
+# the compacted index with the key files of the shards it does not list, a shard with neither is
+# indexed by reading its keys (and then gets its key file), and two writers or compactions at once
+# each leave complete files.
+#
+# Damage costs time, never a vector: key files carry a digest of their keys, the index one of its
+# header and one per block of ``INDEX_BLOCK`` entries, verified for the blocks a lookup reads (where
+# a key is, or would be); a key file that fails is replaced by its shard's keys, an index that fails
+# is set aside for this lookup and rebuilt. A key is taken from a shard only after the shard's own
+# keys and checksum say so, and a shard that lacks a key the index gave it sends the lookup back to
+# reading every shard's keys (and the index is rebuilt).
+
+KEY_WIDTH = 64  # keys are SHA-256 hex digests: 64 ASCII characters, stored as such in the index
+KEYS_SUFFIX = ".keys"
+KEYS_MAGIC = b"retrain-keys-1\n\0"
+INDEX_FILE = "index.bin"
+INDEX_MAGIC = b"retrain-index-1\n"
+INDEX_BLOCK = 32  # index entries per digest: a lookup verifies about 2 KB (one or two blocks) per key it asks for
+COMPACT_EVERY = 64  # shards outside the compacted index before a lookup merges them in (32k vectors)
+_KEY = f"S{KEY_WIDTH}"
+
+
+def _key_array(keys) -> np.ndarray:
+    """Keys as the index stores them (``S64``); a key that is not ASCII of at most 64 characters is refused."""
+    encoded = [key.encode("ascii") if isinstance(key, str) else bytes(key) for key in keys]
+    if any(len(key) > KEY_WIDTH for key in encoded):
+        raise ValueError(f"cache keys have at most {KEY_WIDTH} characters")
+    return np.asarray(encoded, dtype=_KEY)
+
+
+def _write_durably(final: Path, fill) -> None:
+    """Write ``final`` through a temporary sibling: ``fill(handle)``, fsync, rename. A reader (and a
+    kill at any instant) sees the whole file or none; a concurrent writer of the same name leaves one
+    of the two, and both hold the same content (names derive from it, or it is a complete index)."""
+    temporary = final.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}{final.suffix}")
+    try:
+        with open(temporary, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _key_file_bytes(name: str, keys: np.ndarray) -> bytes:
+    """A key file: magic, SHA-256 of the shard's name and keys (a file copied to another shard's name
+    fails it too), the keys."""
+    data = np.ascontiguousarray(keys, _KEY).tobytes()
+    return KEYS_MAGIC + hashlib.sha256(name.encode("ascii") + data).digest() + data
+
+
+def _read_key_file(path: Path) -> np.ndarray | None:
+    """A shard's keys from its key file (``S64``); None when it is missing, cut short or damaged."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    start = len(KEYS_MAGIC) + 32
+    body = data[start:]
+    name = path.name[:-len(KEYS_SUFFIX)].encode("ascii", "replace")
+    if (not data.startswith(KEYS_MAGIC) or len(body) % KEY_WIDTH
+            or hashlib.sha256(name + body).digest() != data[len(KEYS_MAGIC):start]):
+        return None
+    return np.frombuffer(body, _KEY)
+
+
+def _block_digests(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """16 bytes of SHA-256 per block of ``INDEX_BLOCK`` entries (keys and shard numbers)."""
+    digests = np.zeros((-(-len(keys) // INDEX_BLOCK), 16), np.uint8)
+    for block in range(len(digests)):
+        part = slice(block * INDEX_BLOCK, (block + 1) * INDEX_BLOCK)
+        digests[block] = np.frombuffer(_block_digest(keys[part], ids[part]), np.uint8)
+    return digests
+
+
+def _block_digest(keys: np.ndarray, ids: np.ndarray) -> bytes:
+    digest = hashlib.sha256(np.ascontiguousarray(keys).data)
+    digest.update(np.ascontiguousarray(ids).data)
+    return digest.digest()[:16]
+
+
+@dataclass
+class _Index:
+    """The compacted index: ``keys`` sorted, ``ids[i]`` the shard (number in ``shards``) of ``keys[i]``,
+    ``digests`` one per block of entries; the arrays are memory-mapped."""
+
+    shards: list[str]
+    counts: list[int]  # vectors per shard
+    keys: np.ndarray
+    ids: np.ndarray
+    digests: np.ndarray
+
+    def block_intact(self, block: int) -> bool:
+        part = slice(block * INDEX_BLOCK, (block + 1) * INDEX_BLOCK)
+        return (_block_digest(self.keys[part], self.ids[part]) == self.digests[block].tobytes()
+                and bool(np.all(self.ids[part] < len(self.shards))))
+
+    def intact(self) -> bool:
+        """Every block verified (reads the whole index: for compaction, not lookups)."""
+        return all(self.block_intact(block) for block in range(len(self.digests)))
+
+    def locate(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """For sorted ``query`` keys (``S64``), the range ``[left, right)`` of each in ``keys``; None
+        when a block the answer rests on fails its digest (where a key is, or where it would be)."""
+        left, right = np.searchsorted(self.keys, query, "left"), np.searchsorted(self.keys, query, "right")
+        last = len(self.keys) - 1
+        around = np.concatenate([np.clip(left - 1, 0, last), np.clip(left, 0, last), np.clip(right - 1, 0, last)])
+        blocks = set((around // INDEX_BLOCK).tolist())
+        found = np.flatnonzero(right - left > 1)  # a key in several shards: every block of its entries
+        for i in found.tolist():
+            blocks.update(range(left[i] // INDEX_BLOCK, (right[i] - 1) // INDEX_BLOCK + 1))
+        if not all(self.block_intact(block) for block in sorted(blocks)):
+            return None
+        return left, right
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // 64) * 64
+
+
+def _index_layout(header_length: int, count: int) -> tuple[int, int, int, int]:
+    """Offsets of keys, shard numbers and block digests, and the file's size."""
+    keys = _aligned(len(INDEX_MAGIC) + 8 + 32 + header_length)
+    ids = keys + count * KEY_WIDTH
+    digests = ids + count * 4
+    return keys, ids, digests, digests + 16 * (-(-count // INDEX_BLOCK))
+
+
+def _read_index(path: Path) -> _Index | None:
+    """The compacted index at ``path``; None when missing, cut short or damaged in its header (its
+    blocks are verified as they are read)."""
+    try:
+        with open(path, "rb") as handle:  # header and arrays from one open file: a compaction may replace it meanwhile
+            fixed = handle.read(len(INDEX_MAGIC) + 8 + 32)
+            if len(fixed) != len(INDEX_MAGIC) + 40 or not fixed.startswith(INDEX_MAGIC):
+                return None
+            length = int.from_bytes(fixed[len(INDEX_MAGIC):len(INDEX_MAGIC) + 8], "little")
+            if length > 1 << 30:
+                return None
+            text = handle.read(length)
+            if hashlib.sha256(text).digest() != fixed[len(INDEX_MAGIC) + 8:]:
+                return None
+            header = json.loads(text.decode("utf-8"))
+            count, shards, counts = int(header["vectors"]), list(header["shards"]), [int(c) for c in header["counts"]]
+            at_keys, at_ids, at_digests, size = _index_layout(length, count)
+            if os.fstat(handle.fileno()).st_size != size or len(shards) != len(counts) or header["block"] != INDEX_BLOCK:
+                return None
+            if count == 0:
+                return _Index(shards, counts, np.zeros(0, _KEY), np.zeros(0, "<u4"), np.zeros((0, 16), np.uint8))
+            def mapped(dtype, offset, shape):  # a plain array on the map: memmap's own slicing is slow in Python
+                return np.memmap(handle, dtype, "r", offset, shape).view(np.ndarray)
+
+            return _Index(shards, counts, mapped(_KEY, at_keys, (count,)), mapped("<u4", at_ids, (count,)),
+                          mapped(np.uint8, at_digests, ((size - at_digests) // 16, 16)))
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def _write_index(path: Path, shards: list[str], counts: list[int], keys: np.ndarray, ids: np.ndarray) -> None:
+    keys = np.ascontiguousarray(keys, _KEY)
+    ids = np.ascontiguousarray(ids, "<u4")
+    header = json.dumps({"vectors": len(keys), "block": INDEX_BLOCK, "shards": shards, "counts": counts}).encode("utf-8")
+    fixed = INDEX_MAGIC + len(header).to_bytes(8, "little") + hashlib.sha256(header).digest() + header
+    at_keys = _index_layout(len(header), len(keys))[0]
+    digests = _block_digests(keys, ids)
+
+    def fill(handle):
+        handle.write(fixed + b"\0" * (at_keys - len(fixed)))
+        handle.write(keys.data)
+        handle.write(ids.data)
+        handle.write(digests.data)
+
+    _write_durably(path, fill)
+
+
 class BottleneckCache:
     def __init__(self, root: str | os.PathLike, module_fingerprint: str, preprocessing_key: str):
         self.root = Path(root).expanduser()
@@ -40,10 +227,19 @@ class BottleneckCache:
         self.corrupt: list[str] = []
         self._tagged = False
 
-    def _shards(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.iterdir() if p.suffix == ".npz" and not p.name.startswith("."))
+    def _listing(self) -> tuple[set[str], set[str]]:
+        """One listing of the entry: the shards' names (without ``.npz``) and those of their key files."""
+        shards, keyed = set(), set()
+        try:
+            with os.scandir(self.dir) as entries:
+                for entry in entries:
+                    if SHARD_NAME.fullmatch(entry.name):
+                        shards.add(entry.name[:-4])
+                    elif SHARD_KEYS_NAME.fullmatch(entry.name):
+                        keyed.add(entry.name[:-len(KEYS_SUFFIX)])
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return shards, keyed
 
     def _set_aside(self, path: Path) -> None:
         """Move a damaged shard out of the way (kept for inspection), so its vectors are recomputed."""
@@ -52,6 +248,21 @@ class BottleneckCache:
             os.replace(path, path.with_name(f".corrupt-{path.stem}-{uuid.uuid4().hex[:8]}"))
         except OSError:
             pass
+
+    def _ensure_tagged(self) -> None:
+        """The cache folder is checked (and tagged) before its first write; raises OutputError when it
+        is not a cache."""
+        if not self._tagged:
+            ensure_cache(self.root)
+            self._tagged = True
+
+    def _may_write(self) -> bool:
+        """Whether a reader may add index files here: a folder that is not a cache is read, never written."""
+        try:
+            self._ensure_tagged()
+        except (OutputError, OSError):
+            return False
+        return True
 
     def lookup(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """The cached vectors of ``keys`` (content hashes) that are present and intact."""
@@ -63,58 +274,236 @@ class BottleneckCache:
     def iter_cached(self, keys: Sequence[str]) -> Iterator[tuple[list[str], np.ndarray]]:
         """``(keys, vectors [n, dim])`` per intact shard, for the wanted ``keys`` it holds (each once).
 
-        A shard's vectors are read, and its checksum verified, only when its keys include a
-        wanted one: a large cache of other images costs a read of their keys, not of their vectors.
+        The index says which shards hold them; only those are read (their checksums verified), so a
+        lookup costs the keys asked for, not the size of the cache (plus one listing of its folder,
+        and the key files of the shards written since the last compaction).
         """
         wanted = set(keys)
-        for path in self._shards():
-            if not wanted:
-                break
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    shard_keys = data["keys"]
-                    listed = shard_keys.tolist()
-                    if wanted.isdisjoint(listed):
-                        continue
-                    vectors, checksum = data["vectors"], str(data["checksum"])
-                if shard_keys.shape[0] != vectors.shape[0] or _checksum(shard_keys, vectors) != checksum:
-                    raise ValueError("checksum mismatch")
-            except Exception:  # noqa: BLE001 - any damage (bad zip, missing member, bad array) sets the shard aside
-                self._set_aside(path)
+        shards, keyed = self._listing()
+        if not wanted or not shards:
+            return
+        located = self._locate(wanted, shards, keyed)
+        misplaced = False  # the index named a shard for a key the shard does not hold
+        while located:
+            by_shard: dict[str, list[str]] = {}
+            for key, names in located.items():
+                by_shard.setdefault(names[0], []).append(key)
+            retry = {}
+            for name in sorted(by_shard):
+                asked = by_shard[name]
+                loaded = self._load_shard(name)
+                rows = {}
+                if loaded is not None:
+                    listed, vectors = loaded
+                    position = {key: row for row, key in enumerate(listed)}
+                    rows = {key: position[key] for key in asked if key in position}
+                    misplaced |= len(rows) < len(asked)
+                    if rows:
+                        wanted.difference_update(rows)
+                        yield list(rows), vectors[list(rows.values())]
+                for key in asked:  # damaged or gone: the key's next shard, when another holds it too
+                    if key not in rows and len(located[key]) > 1:
+                        retry[key] = located[key][1:]
+            located = retry
+        if misplaced:
+            yield from self._scan_and_reindex(wanted)
+
+    def _locate(self, wanted: set[str], shards: set[str], keyed: set[str]) -> dict[str, list[str]]:
+        """The shards (present ones, best first) holding each wanted key, from the index."""
+        index = _read_index(self.dir / INDEX_FILE)
+        located: dict[str, list[str]] = {}
+        covered = shards.intersection(index.shards) if index is not None else set()
+        if covered and len(index.keys):
+            query = sorted(key for key in wanted if key.isascii() and len(key) <= KEY_WIDTH)
+            ranges = index.locate(_key_array(query))
+            if ranges is None:  # damaged: this lookup goes by key files (and shards), and rebuilds the index
+                index, covered = None, set()
+            else:
+                for key, start, stop in zip(query, ranges[0].tolist(), ranges[1].tolist()):
+                    names = [index.shards[i] for i in index.ids[start:stop].tolist()] if stop > start else []
+                    names = [name for name in names if name in covered]
+                    if names:
+                        located[key] = names
+        fresh = {}  # the keys of every shard the compacted index does not list
+        wanted_bytes = {key.encode("ascii") for key in wanted if key.isascii()}
+        for name in sorted(shards - covered):
+            listed = self._keys_of(name, name in keyed)
+            if listed is None:
                 continue
-            hits, rows = [], []
-            for row, key in enumerate(listed):
-                if key in wanted:
-                    wanted.discard(key)
-                    hits.append(key)
-                    rows.append(row)
-            yield hits, vectors[rows]
+            fresh[name] = listed
+            for key in wanted_bytes.intersection(listed.tolist()):
+                located.setdefault(key.decode("ascii"), []).append(name)
+        if len(fresh) >= COMPACT_EVERY or (index is None and fresh and (self.dir / INDEX_FILE).exists()):
+            self._compact(index, covered, fresh)
+        return located
+
+    def _keys_of(self, name: str, has_key_file: bool) -> np.ndarray | None:
+        """A shard's keys: from its key file, else from the shard (which then gets its key file);
+        None when the shard cannot be read (it is set aside)."""
+        if has_key_file:
+            listed = _read_key_file(self.dir / f"{name}{KEYS_SUFFIX}")
+            if listed is not None:
+                return listed
+        listed = self._shard_keys(name)
+        if listed is not None:
+            self._write_key_file(name, listed)
+        return listed
+
+    def _shard_keys(self, name: str) -> np.ndarray | None:
+        """The keys stored in the shard itself; None when it is gone or damaged (then set aside)."""
+        path = self.dir / f"{name}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return _key_array(data["keys"].tolist())  # keys the index cannot hold count as damage too
+        except FileNotFoundError:  # set aside by another process meanwhile
+            return None
+        except Exception:  # noqa: BLE001 - any damage (bad zip, missing member, bad array) sets the shard aside
+            self._set_aside(path)
+            return None
+
+    def _write_key_file(self, name: str, keys: np.ndarray, required: bool = False) -> None:
+        """``<name>.keys`` beside its shard. A reader's is a shortcut for later lookups: a cache it
+        may not write is still read, by its shards' keys."""
+        if not required and not self._may_write():
+            return
+        try:
+            _write_durably(self.dir / f"{name}{KEYS_SUFFIX}", lambda handle: handle.write(_key_file_bytes(name, keys)))
+        except OSError:
+            if required:
+                raise
+
+    def _load_shard(self, name: str) -> tuple[list[str], np.ndarray] | None:
+        """A shard's keys and vectors, its checksum verified; None when it is damaged (then set aside) or gone."""
+        path = self.dir / f"{name}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                shard_keys, vectors, checksum = data["keys"], data["vectors"], str(data["checksum"])
+            if shard_keys.shape[0] != vectors.shape[0] or _checksum(shard_keys, vectors) != checksum:
+                raise ValueError("checksum mismatch")
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - any damage (bad zip, missing member, bad array) sets the shard aside
+            self._set_aside(path)
+            return None
+        return shard_keys.tolist(), vectors
+
+    def _compact(self, index: _Index | None, covered: set[str], fresh: dict[str, np.ndarray]) -> None:
+        """Write a new compacted index: the old one's entries for shards still there, merged with
+        ``fresh`` (name -> keys). A damaged old index is rebuilt from the key files (or shards) instead."""
+        if not self._may_write():
+            return
+        if index is not None and covered and not index.intact():
+            for name in sorted(covered):
+                listed = self._keys_of(name, has_key_file=True)
+                if listed is not None:
+                    fresh[name] = listed
+            index, covered = None, set()
+        names = list(dict.fromkeys(name for name in index.shards if name in covered)) if index is not None else []
+        if names:
+            old_counts = dict(zip(index.shards, index.counts))
+            counts = [old_counts[name] for name in names]
+            number = {name: i for i, name in enumerate(names)}
+            renumber = np.asarray([number.get(name, len(names)) for name in index.shards], np.int64)
+            old_ids = renumber[np.asarray(index.ids, np.int64)]
+            kept = old_ids < len(names)
+            old_keys, old_ids = np.asarray(index.keys)[kept], old_ids[kept]
+        else:
+            counts, old_keys, old_ids = [], np.zeros(0, _KEY), np.zeros(0, np.int64)
+        added = sorted(fresh)
+        new_keys = np.concatenate([fresh[name] for name in added]) if added else np.zeros(0, _KEY)
+        new_ids = np.repeat(np.arange(len(names), len(names) + len(added)), [len(fresh[name]) for name in added])
+        order = np.argsort(new_keys, kind="stable")
+        new_keys, new_ids = new_keys[order], new_ids[order]
+        at = np.searchsorted(old_keys, new_keys, "right")
+        _write_index(self.dir / INDEX_FILE, names + added, counts + [len(fresh[name]) for name in added],
+                     np.insert(old_keys, at, new_keys), np.insert(old_ids, at, new_ids))
+
+    def _scan_and_reindex(self, wanted: set[str]) -> Iterator[tuple[list[str], np.ndarray]]:
+        """The way lookups worked before the index, for when it proved wrong: every shard's own keys,
+        the wanted keys from the shards holding them; then key files and the index are written anew."""
+        truth: dict[str, np.ndarray] = {}
+        for name in sorted(self._listing()[0]):
+            listed = self._shard_keys(name)
+            if listed is None:
+                continue
+            truth[name] = listed
+            written = _read_key_file(self.dir / f"{name}{KEYS_SUFFIX}")
+            if written is None or not np.array_equal(written, listed):
+                self._write_key_file(name, listed)
+            hits = wanted.intersection(key.decode("ascii") for key in listed.tolist())
+            if hits:
+                loaded = self._load_shard(name)
+                if loaded is not None:
+                    position = {key: row for row, key in enumerate(loaded[0])}
+                    found = [key for key in hits if key in position]
+                    wanted.difference_update(found)
+                    yield found, loaded[1][[position[key] for key in found]]
+        self._compact(None, set(), truth)
+
+    def compact(self) -> None:
+        """Merge every shard's keys into the compacted index now (lookups do it every ``COMPACT_EVERY`` shards)."""
+        shards, keyed = self._listing()
+        index = _read_index(self.dir / INDEX_FILE)
+        covered = shards.intersection(index.shards) if index is not None else set()
+        fresh = {}
+        for name in sorted(shards - covered):
+            listed = self._keys_of(name, name in keyed)
+            if listed is not None:
+                fresh[name] = listed
+        if fresh or index is None or len(covered) < len(index.shards):
+            self._compact(index, covered, fresh)
 
     def write(self, keys: Sequence[str], vectors: np.ndarray) -> Path:
-        """Write one shard atomically: temporary file, fsync, rename."""
-        if not self._tagged:  # the cache folder is checked (and tagged) before its first write
-            ensure_cache(self.root)
-            self._tagged = True
+        """Write one shard atomically (temporary file, fsync, rename), then its key file likewise."""
+        key_bytes = _key_array(keys)  # refused before anything is written, as the index could not hold them
+        self._ensure_tagged()
         self.dir.mkdir(parents=True, exist_ok=True)
         keys_array = np.asarray(list(keys), dtype="U64")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         checksum = _checksum(keys_array, vectors)
         final = self.dir / f"{checksum[:32]}.npz"
-        temporary = self.dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.npz"
-        try:
-            with open(temporary, "wb") as handle:
-                np.savez(handle, keys=keys_array, vectors=vectors, checksum=np.asarray(checksum))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, final)
-        finally:
-            if temporary.exists():
-                temporary.unlink()
+        _write_durably(final, lambda handle: np.savez(handle, keys=keys_array, vectors=vectors,
+                                                      checksum=np.asarray(checksum)))
+        self._write_key_file(final.stem, key_bytes, required=True)  # after the shard: a key file never precedes it
         return final
 
     def info(self) -> dict:
-        shards = self._shards()
-        return {"path": str(self.dir), "shards": len(shards), "bytes": sum(p.stat().st_size for p in shards)}
+        return _entry_summary(self.dir)
+
+
+def _entry_summary(entry: Path) -> dict:
+    """Shards, vectors and bytes of one cache entry, from its index where it has one (no shard is
+    opened then); shards with neither key file nor index entry are counted by reading their keys."""
+    shards, keyed, index_bytes, shard_bytes = {}, set(), 0, 0
+    try:
+        with os.scandir(entry) as listing:
+            for item in listing:
+                if SHARD_NAME.fullmatch(item.name):
+                    shards[item.name[:-4]] = item.stat().st_size
+                elif SHARD_KEYS_NAME.fullmatch(item.name) or item.name == INDEX_FILE:
+                    index_bytes += item.stat().st_size
+                    if item.name != INDEX_FILE:
+                        keyed.add(item.name[:-len(KEYS_SUFFIX)])
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    index = _read_index(entry / INDEX_FILE)
+    counted = {name: count for name, count in zip(index.shards, index.counts)} if index is not None else {}
+    vectors = 0
+    for name in shards:
+        if name in counted:
+            vectors += counted[name]
+            continue
+        listed = _read_key_file(entry / f"{name}{KEYS_SUFFIX}") if name in keyed else None
+        if listed is None:
+            try:
+                with np.load(entry / f"{name}.npz", allow_pickle=False) as data:
+                    listed = data["keys"]
+            except Exception:  # noqa: BLE001 - a damaged shard holds no usable vector
+                continue
+        vectors += int(listed.shape[0])
+    shard_bytes = sum(shards.values())
+    return {"path": str(entry), "shards": len(shards), "vectors": vectors, "bytes": shard_bytes + index_bytes,
+            "shard_bytes": shard_bytes, "index_bytes": index_bytes}
 
 
 def clean_stale_temporaries(root: str | os.PathLike, older_than_s: float = 3600) -> int:
@@ -199,6 +588,104 @@ class VectorStore(Mapping):
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """The rows of ``keys`` in the file (KeyError for a key not in the store)."""
+        return np.fromiter((self._rows[key] for key in keys), np.int64, count=len(keys))
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors at ``rows`` (any order), as [len(rows), dim] float32.
+
+        Read with ``pread``, not through the memory map: pages of a mapped file count in the
+        process's resident memory for as long as the mapping lives, read ones only in the page
+        cache. Rows close together are read in one call (gaps of up to ``READ_GAP`` rows read through);
+        consecutive rows asked in order are read straight into the result."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self._dim), np.float32)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= self._count:
+            raise IndexError(f"rows outside the store's {self._count}")
+        self._file.flush()
+        fd, row_bytes = self._file.fileno(), self._dim * 4
+        in_order = bool(np.all(rows[1:] > rows[:-1]))
+        order = np.arange(len(rows)) if in_order else np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        breaks = np.flatnonzero(np.diff(ordered) > READ_GAP) + 1
+        for start, stop in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
+            first, last = int(ordered[start]), int(ordered[stop - 1])
+            if in_order and last - first == stop - 1 - start:
+                _pread_into(fd, out[start:stop], first * row_bytes)
+                continue
+            block = np.frombuffer(_pread(fd, (last - first + 1) * row_bytes, first * row_bytes),
+                                  np.float32).reshape(-1, self._dim)
+            out[order[start:stop]] = block[ordered[start:stop] - first]
+        return out
+
+
+READ_GAP = 16  # rows: a gap this small is cheaper to read through than to skip with another call
+
+
+def _pread_into(fd: int, array: np.ndarray, offset: int) -> None:
+    """Fill the contiguous ``array`` from the file at ``offset``, without an intermediate copy where
+    the system has ``preadv``."""
+    if not hasattr(os, "preadv"):
+        array[...] = np.frombuffer(_pread(fd, array.nbytes, offset), array.dtype).reshape(array.shape)
+        return
+    view, done = memoryview(array).cast("B"), 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
+        if not count:
+            raise OSError(f"vector store ends before byte {offset + len(view)}")
+        done += count
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    parts = []
+    while size > 0:  # one call returns at most about 2 GB on Linux
+        data = os.pread(fd, min(size, 1 << 30), offset)
+        if not data:
+            raise OSError(f"vector store ends before byte {offset + size}")
+        parts.append(data)
+        size, offset = size - len(data), offset + len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class StoredVectors:
+    """Rows of vector stores seen as one [n, dim] array that is read a piece at a time: the training
+    vectors the minibatch head streams when they do not fit in memory (training/head.py).
+
+    ``parts``: (store, rows) pairs, concatenated in order. ``read(positions)`` returns those
+    rows only; nothing holds all of them."""
+
+    def __init__(self, parts: Sequence[tuple[VectorStore, np.ndarray]]):
+        self.parts = [(store, np.asarray(rows, np.int64)) for store, rows in parts if len(rows)]
+        self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
+        dims = {store.dim for store, _ in self.parts}
+        if len(dims) > 1:
+            raise ValueError(f"vector stores of different dimensions: {sorted(dims)}")
+        self.shape = (int(self.offsets[-1]), dims.pop() if dims else 0)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, positions) -> np.ndarray:
+        """Rows ``positions`` (any order) as [len(positions), dim] float32."""
+        positions = np.asarray(positions, np.int64)
+        out = np.empty((len(positions), self.shape[1]), np.float32)
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"positions outside the {len(self)} vectors")
+        part = np.searchsorted(self.offsets, positions, "right") - 1
+        for number, (store, rows) in enumerate(self.parts):
+            mask = part == number
+            if mask.any():
+                out[mask] = store.read_rows(rows[positions[mask] - self.offsets[number]])
+        return out
+
 
 @dataclass
 class Bottlenecks:
@@ -209,7 +696,8 @@ class Bottlenecks:
     corrupt_shards: list[str] = field(default_factory=list)
 
 
-def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64, augment=None) -> Bottlenecks:
+def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64, augment=None,
+                        backend=None) -> Bottlenecks:
     """Vectors for ``images`` (dataset.ImageFile): from the cache, computing and storing the misses.
 
     Identical content is computed once. Vectors go to disk every ``SHARD_SIZE`` images, so
@@ -223,6 +711,9 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
     ``augment(pixels, keys) -> pixels``, when given, changes each uint8 batch before the module
     sees it; ``keys`` are the batch's cache keys (``content_hash``), from which it must derive
     its randomness so that what is cached under a key is always the same.
+
+    ``backend(todo) -> forward``, when given, chooses what computes the images to compute
+    (features/lite.py: TensorFlow or LiteRT); by default ``module.pixel_features``.
     """
     unique: dict[str, object] = {}
     for image in images:
@@ -238,9 +729,11 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
         return result
     spec = module.info.input_spec
     todo_keys = [image.content_hash for image in todo]
+    forward = module.pixel_features if backend is None else backend(todo)
+    as_tensors = getattr(forward, "takes_tensors", True)  # LiteRT takes NumPy batches
     with _ShardWriter(cache, store) as shards, progress.bar(total=len(todo), desc="bottlenecks", unit="img") as bar:
         batches = iter_image_batches(
-            [i.path for i in todo], [i.decoder for i in todo], spec.height, spec.width, batch_size, as_tensors=True
+            [i.path for i in todo], [i.decoder for i in todo], spec.height, spec.width, batch_size, as_tensors=as_tensors
         )
         in_flight = None  # the batch the module is computing; read back after the next one is queued
         for indices, pixels, skipped in batches:
@@ -250,7 +743,7 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
                 keys = [todo_keys[index] for index in indices.tolist()]
                 if augment is not None:
                     pixels = augment(pixels, keys)
-                computing = (keys, module.pixel_features(pixels))
+                computing = (keys, forward(pixels))
                 if in_flight is not None:
                     shards.add(*in_flight)
                 in_flight = computing
@@ -276,7 +769,7 @@ class _ShardWriter:
         return self
 
     def add(self, keys: list[str], features) -> None:
-        vectors = features.numpy()
+        vectors = features.numpy() if hasattr(features, "numpy") else np.asarray(features)
         self.store.add(keys, vectors)
         self.keys.extend(keys)
         self.vectors.append(vectors)
@@ -313,25 +806,13 @@ def cache_summary(cache_dir: str | os.PathLike | None = None) -> dict:
     root = _cache_root(cache_dir)
     entries = []
     for entry in cache_entries(root):
-        shards = sorted(p for p in entry.iterdir() if p.suffix == ".npz" and not p.name.startswith("."))
-        vectors = 0
-        for shard in shards:
-            try:
-                with np.load(shard, allow_pickle=False) as data:
-                    vectors += int(data["keys"].shape[0])
-            except Exception:
-                pass
-        entries.append({
-            "name": entry.name,
-            "shards": len(shards),
-            "vectors": vectors,
-            "bytes": sum(p.stat().st_size for p in shards),
-        })
+        summary = _entry_summary(entry)
+        entries.append({"name": entry.name, **{k: summary[k] for k in ("shards", "vectors", "bytes", "index_bytes")}})
     return {"path": str(root), "bytes": sum(e["bytes"] for e in entries), "entries": entries}
 
 
 def clear_cache(cache_dir: str | os.PathLike | None = None) -> int:
-    """Delete the cache's bottleneck files; returns the number of files removed.
+    """Delete the cache's bottleneck files and converted modules; returns the number of files removed.
 
     Only files with the cache's own names in its entry folders go (then the folders, when
     empty); the tag and the module fingerprint records stay, and so does anything else."""
@@ -339,4 +820,4 @@ def clear_cache(cache_dir: str | os.PathLike | None = None) -> int:
     if not root.is_dir():
         return 0
     ensure_cache(root)  # an untagged cache with the cache's layout gets its tag
-    return sum(remove_entry_files(entry) for entry in cache_entries(root))
+    return sum(remove_entry_files(entry) for entry in cache_entries(root)) + clear_converted(root)

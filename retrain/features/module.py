@@ -62,6 +62,7 @@ class ModuleInfo:
     feature_dim: int
     trainable_variables: int
     audit: dict | None = None  # what audit.audit_module read: functions walked, op types, ops accepted
+    slim_copy: str | None = None  # the slim copy loaded instead of the module (slim.py), if one was
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -272,12 +273,16 @@ def check_module(handle: str, allow_unversioned: bool = False, trust_hosts: tupl
 
 def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False,
                 trust_hosts: tuple[str, ...] = (), records_dir: str | os.PathLike | None = None,
-                allowed_ops=()) -> LoadedModule:
+                allowed_ops=(), slim_dir: str | os.PathLike | None = None) -> LoadedModule:
     """Resolve, audit, load and check a feature-vector module.
 
     No function of the module runs before its ops are audited (``check_module``); ``allowed_ops``
     names refused ops the user accepts. For URL handles the fingerprint is checked against
     ``records_dir`` (default: the bottleneck cache folder), see ``check_recorded_fingerprint``.
+
+    ``slim_dir`` (a cache folder): load the module's slim copy from there when one was made for
+    this fingerprint, else load the module and make one (see ``slim.py``): only for callers that
+    run the inference function alone (extraction, export), not fine-tuning or publishing.
     """
     handle = str(handle)
     path, audit = check_module(handle, allow_unversioned, trust_hosts, allowed_ops)
@@ -286,6 +291,18 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
         from ..config import default_cache_dir
 
         check_recorded_fingerprint(handle, path, digest, records_dir or default_cache_dir())
+    if slim_dir is not None:
+        from .slim import load_slim, save_slim
+
+        loaded = load_slim(slim_dir, handle, path, digest, image_size, audit, allowed_ops)
+        if loaded is None:
+            loaded = _load_full(handle, path, digest, image_size, audit)
+            save_slim(slim_dir, loaded, image_size)
+        return loaded
+    return _load_full(handle, path, digest, image_size, audit)
+
+
+def _load_full(handle: str, path: Path, digest: str, image_size: int | None, audit: AuditResult) -> LoadedModule:
     tf = _tf()
     try:
         obj = tf.saved_model.load(str(path))
@@ -302,6 +319,15 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
     info = ModuleInfo(handle=handle, path=str(path), fingerprint=digest, input_spec=input_spec, feature_dim=0,
                       trainable_variables=len(getattr(obj, "trainable_variables", []) or []), audit=audit.to_dict())
     loaded = LoadedModule(info, obj, traced)
+    loaded.info = replace(info, feature_dim=probe_features(loaded))
+    return loaded
+
+
+def probe_features(loaded: LoadedModule) -> int:
+    """Run the module once through ``pixel_features`` (paying its graph set-up once) and check it
+    gives feature vectors; returns their dimension."""
+    tf = _tf()
+    handle, input_spec = loaded.info.handle, loaded.info.input_spec
     probe = np.zeros((2, input_spec.height, input_spec.width, 3), np.uint8)
     try:
         output = loaded.pixel_features(tf.constant(probe))
@@ -321,5 +347,4 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
             f"module {handle} outputs {shape[1]} values per image, which looks like classification logits: "
             "a feature_vector module is needed"
         )
-    loaded.info = replace(info, feature_dim=int(shape[1]))
-    return loaded
+    return int(shape[1])

@@ -96,17 +96,26 @@ def weights_fingerprint(module) -> str:
 
 
 def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_images, n_classes: int,
-              config: TrainConfig, class_weights: dict[int, float] | None = None, augmentation=None) -> FineTuneResult:
+              config: TrainConfig, class_weights: dict[int, float] | None = None, augmentation=None,
+              replicas=None) -> FineTuneResult:
     """Train the module's trainable variables and the head (from ``kernel``, ``bias``) on the
     images (dataset.ImageFile). The module object is changed in place to the kept state, so an
-    export made from it afterwards serves the fine-tuned weights."""
+    export made from it afterwards serves the fine-tuned weights.
+
+    ``replicas`` (distribute.Replicas, several devices): ``replicas.module``, the mirrored copy,
+    is trained under the strategy, batches of ``fine_tune_batch_size`` per replica, and the kept
+    state is copied into ``module`` at the end."""
     import keras
 
     module_vars = trainable_module_variables(module)
     if not val_images:
         raise ConfigError("--fine-tune needs validation images to keep only improvements: use --validation-percent above 0 or --validation-dir")
     keras.utils.set_random_seed(config.seed)
-    steps = _Steps(module, module_vars, kernel, bias, n_classes, config, class_weights)
+    if replicas is None:
+        steps = _Steps(module, module_vars, kernel, bias, n_classes, config, class_weights)
+    else:
+        steps = _MirroredSteps(replicas, trainable_module_variables(replicas.module), kernel, bias, n_classes,
+                               config, class_weights)
     original_fingerprint = weights_fingerprint(module)
     started = time.perf_counter()
     frozen, val_labels, best_probabilities = steps.validate(val_images)
@@ -129,6 +138,10 @@ def fine_tune(module, kernel: np.ndarray, bias: np.ndarray, train_images, val_im
             if stopping.stop:
                 break
     stopping.restore()  # the best epoch, or the frozen start when none beat it
+    if replicas is not None:
+        from ..distribute import copy_trained_weights
+
+        copy_trained_weights(replicas.module, module)
     return FineTuneResult(
         kernel=steps.head_kernel.numpy(),
         bias=steps.head_bias.numpy(),
@@ -153,6 +166,8 @@ class _Steps:
     def __init__(self, module, module_vars, kernel, bias, n_classes: int, config: TrainConfig, class_weights):
         tf = _tf()
         self.module, self.config, self.spec = module, config, module.info.input_spec
+        self.train_batch = config.fine_tune_batch_size
+        self.eval_batch = config.batch_for_images(self.spec.height, self.spec.width)
         self.head_kernel = tf.Variable(np.asarray(kernel, np.float32), name="head_kernel")
         self.head_bias = tf.Variable(np.asarray(bias, np.float32), name="head_bias")
         self.trained = module_vars + [self.head_kernel, self.head_bias]
@@ -201,7 +216,7 @@ class _Steps:
         labels_all = np.asarray([i.label for i in images], np.int64)
         total_loss, seen = 0.0, 0
         for indices, pixels, skipped in iter_image_batches([i.path for i in chosen], [i.decoder for i in chosen],
-                                                            spec.height, spec.width, config.fine_tune_batch_size):
+                                                            spec.height, spec.width, self.train_batch):
             if pixels is not None and len(indices):
                 if augmentation is not None:
                     pixels = augment_pixels(pixels, augmentation.draw(rng, len(pixels)))
@@ -220,8 +235,7 @@ class _Steps:
         labels_all = np.asarray([i.label for i in images], np.int64)
         labels, probabilities, losses = [], [], []
         for indices, pixels, _ in iter_image_batches([i.path for i in images], [i.decoder for i in images],
-                                                      spec.height, spec.width,
-                                                      self.config.batch_for_images(spec.height, spec.width)):
+                                                      spec.height, spec.width, self.eval_batch):
             if pixels is None or not len(indices):
                 continue
             p, l = self.eval_step(tf.constant(pixels), tf.constant(labels_all[indices]))
@@ -233,6 +247,88 @@ class _Steps:
         figures = {"loss": float(np.concatenate(losses).mean()), "accuracy": correct / len(labels),
                    "n_images": int(len(labels)), "accuracy_interval": wilson_interval(correct, len(labels))}
         return figures, labels, probabilities
+
+
+class _MirroredSteps(_Steps):
+    """``_Steps`` over several replicas (distribute.Replicas): the same loss and update, each
+    batch split into one slice per replica.
+
+    The head's variables and the optimizer are made in the strategy's scope (the module's were
+    loaded there), so each is mirrored. Each replica sums its images' weighted losses over the
+    whole batch's size, and the penalties are divided by the number of replicas, so the
+    optimizer's all-reduced sum of the replicas' gradients is the gradient of the one-device loss
+    of the whole batch. Dropout draws the one-device mask of the whole batch (same seed, same
+    shape) and each replica takes its own rows, so the same image gets the same mask either way.
+    What differs from one device is the order of float sums: measured in tests/test_distribute.py."""
+
+    def __init__(self, replicas, module_vars, kernel, bias, n_classes: int, config: TrainConfig, class_weights):
+        tf = _tf()
+        module, strategy = replicas.module, replicas.strategy
+        self.module, self.config, self.spec = module, config, module.info.input_spec
+        self.train_batch = config.fine_tune_batch_size * replicas.count
+        self.eval_batch = config.batch_for_images(self.spec.height, self.spec.width) * replicas.count
+        with strategy.scope():
+            self.head_kernel = tf.Variable(np.asarray(kernel, np.float32), name="head_kernel")
+            self.head_bias = tf.Variable(np.asarray(bias, np.float32), name="head_bias")
+            self.trained = module_vars + [self.head_kernel, self.head_bias]
+            optimizer = make_optimizer(config, config.resolved_fine_tune_learning_rate)
+            optimizer.build(self.trained)  # its slots made here, mirrored, not inside a replica's step
+        regularizers = list(getattr(module.obj, "regularization_losses", None) or [])
+        weights = [1.0] * n_classes if class_weights is None else [class_weights.get(c, 1.0) for c in range(n_classes)]
+        weight_table = tf.constant(weights, tf.float32)
+        smoothing, dropout, l2, count = config.label_smoothing, config.dropout, config.l2, float(replicas.count)
+        trained, head_kernel, head_bias, spec = self.trained, self.head_kernel, self.head_bias, self.spec
+
+        def logits_of(pixels):
+            features = module.features(to_module_input(pixels, spec.value_range))  # inference mode: BN frozen
+            return features, tf.matmul(features, head_kernel) + head_bias
+
+        def replica_train(pixels, labels, offset, total, seed):
+            # Rows from ``total`` on are padding (Replicas.split): no loss, no mask drawn for them.
+            with tf.GradientTape() as tape:
+                features, _ = logits_of(pixels)
+                rows, dim = tf.shape(features, tf.int64)[0], tf.shape(features, tf.int64)[1]
+                if dropout > 0:
+                    whole = tf.nn.experimental.stateless_dropout(tf.ones([total, dim]), dropout, seed)
+                    whole = tf.concat([whole, tf.ones([tf.maximum(offset + rows - total, 0), dim])], axis=0)
+                    features = features * whole[offset:offset + rows]
+                logits = tf.matmul(features, head_kernel) + head_bias
+                losses = head_losses(labels, logits, n_classes, smoothing)
+                present = tf.cast(offset + tf.range(rows) < total, tf.float32)
+                loss = tf.reduce_sum(losses * tf.gather(weight_table, labels) * present) / tf.cast(total, tf.float32)
+                penalty = l2 * tf.reduce_sum(tf.square(head_kernel))
+                for regularizer in regularizers:
+                    penalty += regularizer()
+                objective = loss + penalty / count
+            gradients = tape.gradient(objective, trained)
+            optimizer.apply_gradients([(g, v) for g, v in zip(gradients, trained) if g is not None])
+            return loss
+
+        @tf.function(reduce_retracing=True, autograph=False)
+        def distributed_train(pixels, labels, offsets, total, seed):
+            losses = strategy.run(replica_train, args=(pixels, labels, offsets, total, seed))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+        def replica_eval(pixels, labels):
+            _, logits = logits_of(pixels)
+            return tf.nn.softmax(logits), head_losses(labels, logits, n_classes, smoothing)
+
+        @tf.function(reduce_retracing=True, autograph=False)
+        def distributed_eval(pixels, labels, n):
+            probabilities, losses = strategy.run(replica_eval, args=(pixels, labels))
+            with tf.device("/cpu:0"):  # padding rows dropped
+                return (tf.concat(replicas.local(probabilities), axis=0)[:n],
+                        tf.concat(replicas.local(losses), axis=0)[:n])
+
+        def train_step(pixels, labels, seed):  # what _Steps.train_epoch calls
+            parts, label_parts, offsets = replicas.split(pixels, labels)
+            return distributed_train(parts, label_parts, offsets, tf.constant(len(pixels), tf.int64), seed)
+
+        def eval_step(pixels, labels):
+            parts, label_parts, _ = replicas.split(pixels, labels)
+            return distributed_eval(parts, label_parts, tf.constant(len(pixels), tf.int32))
+
+        self.train_step, self.eval_step = train_step, eval_step
 
 
 __all__ = ["FineTuneResult", "fine_tune", "trainable_module_variables", "weights_fingerprint"]

@@ -12,6 +12,8 @@ Two ways to fit it, chosen by the number of vectors (``choose_solver``):
 - **minibatch** (larger sets): Adam on shuffled batches, dropout before the layer, L2 on its kernel
   and label smoothing; validation after each epoch, stopping when validation loss has not improved
   for ``patience`` epochs and keeping the best epoch's weights. Epochs cost no module calls.
+  Training vectors beyond ``IN_MEMORY_MAX_BYTES`` are streamed from disk in shuffled buffers
+  (``train_head_minibatch``), so its memory does not grow with their number.
 """
 
 from __future__ import annotations
@@ -79,14 +81,37 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> dict[int, floa
     return {c: float(total / (n_classes * counts[c])) if counts[c] else 0.0 for c in range(n_classes)}
 
 
+IN_MEMORY_MAX_BYTES = 1 << 30  # training vectors up to 1 GiB (about 210k of 1,280 dims) are held in memory; above, streamed
+STREAM_BUFFER_BYTES = 64 << 20  # streamed vectors shuffled together: what training holds (twice: one buffer read ahead)
+STREAM_BLOCK_BYTES = 1 << 20  # consecutive vectors read together when streaming: shuffling is by block, then in the buffer
+
+
+def is_streamed(vectors) -> bool:
+    """Vectors read a piece at a time (``shape`` and ``read(positions)``, e.g. bottlenecks.StoredVectors)
+    rather than an array."""
+    return not isinstance(vectors, np.ndarray) and callable(getattr(vectors, "read", None))
+
+
+def should_stream(n_vectors: int, dim: int, budget: int | None = None) -> bool:
+    """Whether ``n_vectors`` float32 vectors of ``dim`` exceed the memory budget for training vectors
+    (``IN_MEMORY_MAX_BYTES`` unless given)."""
+    return n_vectors * dim * 4 > (IN_MEMORY_MAX_BYTES if budget is None else budget)
+
+
+def in_memory(vectors) -> np.ndarray:
+    """An array of ``vectors``; streamed ones are read whole (for what needs them all at once)."""
+    return vectors.read(np.arange(len(vectors))) if is_streamed(vectors) else vectors
+
+
 def train_head_minibatch(
-    train_x: np.ndarray,
+    train_x,
     train_y: np.ndarray,
-    val_x: np.ndarray | None,
+    val_x,
     val_y: np.ndarray | None,
     n_classes: int,
     config: TrainConfig,
     class_weights: dict[int, float] | None = None,
+    buffer_bytes: int | None = None,
 ) -> Head:
     """Fit the head; returns its best weights (by validation loss when there is validation data).
 
@@ -94,26 +119,31 @@ def train_head_minibatch(
     is never weighted, so the best epoch is chosen on the plain loss.
 
     Each epoch is one call of a traced function that loops over the shuffled batches in the
-    graph: the cost per epoch is the arithmetic, not a framework's per-epoch set-up."""
+    graph: the cost per epoch is the arithmetic, not a framework's per-epoch set-up.
+
+    ``train_x`` and ``val_x`` may also be streamed vectors (``is_streamed``): training then reads
+    ``buffer_bytes`` (default ``STREAM_BUFFER_BYTES``) of them at a time, in shuffled blocks, one
+    buffer ahead on another thread, so memory holds two buffers whatever the number of vectors
+    (see ``_streamed_epoch_function``); validation reads them in order, a buffer at a time."""
     tf = _tf()
     import keras
 
     keras.utils.set_random_seed(config.seed)
     dim = int(train_x.shape[1])
+    buffer_bytes = STREAM_BUFFER_BYTES if buffer_bytes is None else buffer_bytes
     kernel = tf.Variable(keras.initializers.GlorotUniform(seed=config.seed)((dim, n_classes)), name="head_kernel")
     bias = tf.Variable(tf.zeros([n_classes]), name="head_bias")
-    run_epoch = _epoch_function(kernel, bias, train_x, train_y, n_classes, config, class_weights)
-    validate = _validation_function(kernel, bias, val_x, val_y, n_classes, config)
+    epoch_function = _streamed_epoch_function if is_streamed(train_x) else _epoch_function
+    run_epoch = epoch_function(kernel, bias, train_x, train_y, n_classes, config, class_weights, buffer_bytes)
+    validate = _validation_function(kernel, bias, val_x, val_y, n_classes, config, buffer_bytes)
     stopping = EarlyStopping([kernel, bias], config.patience if validate else 0)
-    rng = np.random.default_rng(config.seed)
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     if validate:
         history.update(val_loss=[], val_accuracy=[])
     started = time.perf_counter()
     with progress.bar(total=config.epochs, desc="head", unit="epoch") as bar:
         for epoch in range(1, config.epochs + 1):
-            loss, accuracy = run_epoch(tf.constant(rng.permutation(len(train_x))),
-                                       tf.constant([config.seed, epoch], tf.int64))
+            loss, accuracy = run_epoch(epoch)
             history["loss"].append(float(loss))
             history["accuracy"].append(float(accuracy))
             shown = {"loss": f"{float(loss):.3f}"}
@@ -135,46 +165,130 @@ def train_head_minibatch(
                 seconds=time.perf_counter() - started)
 
 
-def _epoch_function(kernel, bias, train_x, train_y, n_classes: int, config: TrainConfig, class_weights):
-    """One traced epoch over the shuffled batches: ``run_epoch(order, seed) -> (loss, accuracy)``."""
+def _train_step(kernel, bias, n_classes: int, config: TrainConfig, class_weights):
+    """``step(features, labels, weights, seed) -> (loss, correct)`` for one batch, the optimizer
+    applied: what both epoch functions run per batch (traced inside them)."""
     tf = _tf()
     variables = [kernel, bias]
     optimizer = make_optimizer(config, config.learning_rate)
     optimizer.build(variables)
-    weights = np.ones(n_classes, np.float32) if class_weights is None else np.asarray(
-        [class_weights.get(c, 1.0) for c in range(n_classes)], np.float32)
-    x = tf.constant(np.asarray(train_x, np.float32))
-    y = tf.constant(np.asarray(train_y, np.int64))
-    w = tf.gather(tf.constant(weights), y)
-    n, batch = len(train_x), config.batch_size
     dropout, l2, smoothing = config.dropout, config.l2, config.label_smoothing
 
+    def step(features, labels, weights, seed):
+        if dropout > 0:
+            features = tf.nn.experimental.stateless_dropout(features, dropout, seed)
+        with tf.GradientTape() as tape:
+            logits = tf.matmul(features, kernel) + bias
+            # As Keras weighs with class_weight: the weighted sum over the batch size.
+            loss = tf.reduce_mean(head_losses(labels, logits, n_classes, smoothing) * weights)
+            loss += l2 * tf.reduce_sum(tf.square(kernel))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss, tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int32))
+
+    return step
+
+
+def _class_weight_table(n_classes: int, class_weights) -> np.ndarray:
+    return np.ones(n_classes, np.float32) if class_weights is None else np.asarray(
+        [class_weights.get(c, 1.0) for c in range(n_classes)], np.float32)
+
+
+def _epoch_function(kernel, bias, train_x, train_y, n_classes: int, config: TrainConfig, class_weights,
+                    buffer_bytes=None):  # buffer_bytes: streamed vectors only
+    """One traced epoch over the shuffled batches of in-memory vectors: ``run_epoch(epoch) -> (loss, accuracy)``."""
+    tf = _tf()
+    step = _train_step(kernel, bias, n_classes, config, class_weights)
+    x = tf.constant(np.asarray(train_x, np.float32))
+    y = tf.constant(np.asarray(train_y, np.int64))
+    w = tf.gather(tf.constant(_class_weight_table(n_classes, class_weights)), y)
+    n, batch = len(train_x), config.batch_size
+    rng = np.random.default_rng(config.seed)
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)])
-    def run_epoch(order, seed):
+    def traced(order, seed):
         loss_sum, correct = tf.constant(0.0), tf.constant(0)
         for start in tf.range(0, n, batch, dtype=tf.int64):
             chosen = order[start : start + batch]
-            features, labels = tf.gather(x, chosen), tf.gather(y, chosen)
-            if dropout > 0:
-                features = tf.nn.experimental.stateless_dropout(features, dropout, seed + tf.stack([0, start]))
-            with tf.GradientTape() as tape:
-                logits = tf.matmul(features, kernel) + bias
-                # As Keras weighs with class_weight: the weighted sum over the batch size.
-                loss = tf.reduce_mean(head_losses(labels, logits, n_classes, smoothing) * tf.gather(w, chosen))
-                loss += l2 * tf.reduce_sum(tf.square(kernel))
-            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            loss, right = step(tf.gather(x, chosen), tf.gather(y, chosen), tf.gather(w, chosen), seed + tf.stack([0, start]))
             loss_sum += loss * tf.cast(tf.shape(chosen)[0], tf.float32)
-            correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int32))
+            correct += right
         return loss_sum / n, tf.cast(correct, tf.float32) / n
+
+    def run_epoch(epoch: int):
+        return traced(tf.constant(rng.permutation(n)), tf.constant([config.seed, epoch], tf.int64))
 
     return run_epoch
 
 
-def _validation_function(kernel, bias, val_x, val_y, n_classes: int, config: TrainConfig):
+def _streamed_epoch_function(kernel, bias, source, train_y, n_classes: int, config: TrainConfig, class_weights,
+                             buffer_bytes: int):
+    """Epochs over streamed vectors: ``run_epoch(epoch) -> (loss, accuracy)``.
+
+    Each epoch the vectors are cut into blocks of consecutive ones (about ``STREAM_BLOCK_BYTES``, a
+    whole number of batches), the blocks are shuffled, and each buffer of ``buffer_bytes`` gathers
+    blocks from all over the data, read in shuffled order; a traced function then runs the
+    buffer's batches as the in-memory epoch does. The next buffer is read while one trains."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tf = _tf()
+    step = _train_step(kernel, bias, n_classes, config, class_weights)
+    table = tf.constant(_class_weight_table(n_classes, class_weights))
+    labels = np.asarray(train_y, np.int64)
+    n, dim = int(source.shape[0]), int(source.shape[1])
+    batch = config.batch_size
+    # Blocks of whole batches, at most a sixteenth of a buffer (each buffer mixes 16 places or more).
+    buffer_rows = max(batch, buffer_bytes // (4 * dim))
+    block = max(1, min(STREAM_BLOCK_BYTES // (4 * dim), buffer_rows // 16) // batch) * batch
+    blocks_per_buffer = max(1, buffer_rows // block)
+    rng = np.random.default_rng(config.seed)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32), tf.TensorSpec([None], tf.int64),
+                                  tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)])
+    def run_buffer(x, y, order, seed):
+        loss_sum, correct = tf.constant(0.0), tf.constant(0)
+        w = tf.gather(table, y)
+        for start in tf.range(0, tf.shape(order, out_type=tf.int64)[0], batch, dtype=tf.int64):
+            chosen = order[start : start + batch]
+            loss, right = step(tf.gather(x, chosen), tf.gather(y, chosen), tf.gather(w, chosen), seed + tf.stack([0, start]))
+            loss_sum += loss * tf.cast(tf.shape(chosen)[0], tf.float32)
+            correct += right
+        return loss_sum, correct
+
+    def load(positions):
+        return source.read(positions), labels[positions]
+
+    def run_epoch(epoch: int):
+        order = rng.permutation(-(-n // block))
+        buffers = []  # per buffer: its positions, in order (read so), and the order its batches take them in
+        for first in range(0, len(order), blocks_per_buffer):
+            chosen = np.sort(order[first:first + blocks_per_buffer])
+            rows = np.concatenate([np.arange(b * block, min((b + 1) * block, n)) for b in chosen])
+            buffers.append((rows, rng.permutation(len(rows))))
+        loss_sum, correct, done = 0.0, 0, 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-reader") as reader:
+            reading = reader.submit(load, buffers[0][0])
+            for number in range(len(buffers)):
+                x, y = reading.result()
+                if number + 1 < len(buffers):
+                    reading = reader.submit(load, buffers[number + 1][0])
+                part_loss, part_correct = run_buffer(x, y, tf.constant(buffers[number][1]),
+                                                     tf.constant([config.seed, (epoch - 1) * n + done], tf.int64))
+                loss_sum += float(part_loss)
+                correct += int(part_correct)
+                done += len(y)
+                del x, y
+        return loss_sum / n, correct / n
+
+    return run_epoch
+
+
+def _validation_function(kernel, bias, val_x, val_y, n_classes: int, config: TrainConfig, buffer_bytes: int):
     """``validate() -> (loss, accuracy)`` on the validation vectors, or None without any."""
     if val_x is None or not len(val_x):
         return None
     tf = _tf()
+    if is_streamed(val_x):
+        return _streamed_validation(kernel, bias, val_x, val_y, n_classes, config, buffer_bytes)
     vx, vy = tf.constant(np.asarray(val_x, np.float32)), tf.constant(np.asarray(val_y, np.int64))
 
     @tf.function(autograph=False)
@@ -183,6 +297,34 @@ def _validation_function(kernel, bias, val_x, val_y, n_classes: int, config: Tra
         loss = tf.reduce_mean(head_losses(vy, logits, n_classes, config.label_smoothing))
         loss += config.l2 * tf.reduce_sum(tf.square(kernel))
         return loss, tf.reduce_mean(tf.cast(tf.argmax(logits, 1) == vy, tf.float32))
+
+    return validate
+
+
+def _streamed_validation(kernel, bias, source, val_y, n_classes: int, config: TrainConfig, buffer_bytes: int):
+    """``validate()`` over streamed validation vectors, read in order a buffer at a time: the same
+    loss (mean cross-entropy plus the L2 term) and accuracy as on an array of them."""
+    tf = _tf()
+    n, dim = int(source.shape[0]), int(source.shape[1])
+    labels = np.asarray(val_y, np.int64)
+    rows = max(1, buffer_bytes // (4 * dim))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32), tf.TensorSpec([None], tf.int64)],
+                 autograph=False)
+    def part(x, y):
+        logits = tf.matmul(x, kernel) + bias
+        return (tf.reduce_sum(head_losses(y, logits, n_classes, config.label_smoothing)),
+                tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == y, tf.int32)))
+
+    def validate():
+        loss_sum, correct = 0.0, 0
+        for start in range(0, n, rows):
+            positions = np.arange(start, min(start + rows, n))
+            part_loss, part_correct = part(source.read(positions), labels[positions])
+            loss_sum += float(part_loss)
+            correct += int(part_correct)
+        penalty = config.l2 * float(tf.reduce_sum(tf.square(kernel)))
+        return loss_sum / n + penalty, correct / n
 
     return validate
 
@@ -213,7 +355,8 @@ def fit_head(train_x, train_y, val_x, val_y, n_classes: int, config: TrainConfig
     solver = choose_solver(config.head, len(train_x))
     if solver == "minibatch":
         return train_head_minibatch(train_x, train_y, val_x, val_y, n_classes, config, class_weights)
-    return fit_logistic_cv(train_x, train_y, n_classes, config, class_weights, groups)
+    # The full-batch solver needs every vector at once (up to FULL_BATCH_MAX_VECTORS by default).
+    return fit_logistic_cv(in_memory(train_x), train_y, n_classes, config, class_weights, groups)
 
 
 def _logistic(c: float, seed: int, class_weights, warm: bool = False):
