@@ -5,8 +5,9 @@ A published module's SavedModel holds every function it was saved with: MobileNe
 ``tf.saved_model.load`` rebuilds them all, 3-3.5 s here, although extraction and export call one.
 The first run that loads a module saves beside the bottleneck cache (``CACHE/slim/``) a
 SavedModel holding only ``features`` (float images -> vectors, the function extraction and the
-serving model call) and the module's variables in their order, after checking on a probe batch
-that it gives the module's vectors exactly. Later runs load that copy instead.
+serving model call) and the module's variables in their order, with a digest of the module's
+vectors on a probe batch. Later runs load that copy instead, and use it only when it gives those
+vectors bit for bit; a copy that does not is recorded as rejected and never tried again.
 
 Trust: the copy is found by the module's fingerprint (SHA-256 of its files, the same key as the
 bottlenecks'), its own files must have the fingerprint recorded when it was made, and it goes
@@ -34,7 +35,7 @@ from .audit import audit_module
 
 SLIM_FOLDER = "slim"  # in the cache folder (safety.py knows its names)
 PROBE_IMAGES = 4
-SLIM_VERSION = 1
+SLIM_VERSION = 2
 
 
 def _record_path(cache_dir, digest: str, image_size: int | None) -> Path:
@@ -47,13 +48,15 @@ def _probe_pixels(spec) -> np.ndarray:
     return rng.integers(0, 256, (PROBE_IMAGES, spec.height, spec.width, 3), dtype=np.uint8)
 
 
-def _max_difference(got: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.abs(got - expected).max())
+def _digest(vectors: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(vectors, dtype=np.float32).tobytes()).hexdigest()
 
 
 def save_slim(cache_dir, loaded, image_size: int | None) -> Path | None:
-    """Save ``loaded``'s slim copy and its record; returns the record, or None when the copy
-    does not give the module's vectors (then runs keep loading the module itself)."""
+    """Save ``loaded``'s slim copy and its record; returns the record, or None when a copy of this
+    module was rejected before (then runs keep loading the module itself)."""
     from ..files import write_atomic
     from ..safety import ensure_cache
     from .module import fingerprint
@@ -88,24 +91,23 @@ def save_slim(cache_dir, loaded, image_size: int | None) -> Path | None:
     folder = root / SLIM_FOLDER / f"{info.fingerprint[:16]}-{uuid.uuid4().hex}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     tf.saved_model.save(Slim(), str(folder))
-    pixels = tf.constant(_probe_pixels(spec))
-    expected = loaded.pixel_features(pixels).numpy()
-    copy = tf.saved_model.load(str(folder))
-    from ..data.images import to_module_input
-
-    got = copy.features(to_module_input(pixels, spec.value_range)).numpy()
-    difference = _max_difference(got, expected)
-    if difference != 0.0:  # never used: extraction must give the module's own vectors
-        write_atomic(path, json.dumps({"version": SLIM_VERSION, "module_fingerprint": info.fingerprint,
-                                       "rejected": {"max_abs_diff": difference, "folder": folder.name}}) + "\n")
-        return None
+    # What the copy must give, bit for bit, when a later run loads it (checked there: loading it
+    # again here to compare would cost this run as much as the copy saves the next one).
+    expected = loaded.pixel_features(tf.constant(_probe_pixels(spec))).numpy()
     record = {"version": SLIM_VERSION, "module_fingerprint": info.fingerprint, "image_size": image_size,
               "folder": folder.name, "files_fingerprint": fingerprint(folder), "input_spec": info.input_spec.to_dict(),
               "feature_dim": info.feature_dim, "trainable_variables": info.trainable_variables,
-              "probe": {"images": PROBE_IMAGES, "max_abs_diff": difference},
+              "probe": {"images": PROBE_IMAGES, "sha256": _digest(expected)},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_atomic(path, json.dumps(record, indent=1) + "\n")
     return path
+
+
+def _reject(path: Path, record: dict, reason: str) -> None:
+    from ..files import write_atomic
+
+    write_atomic(path, json.dumps({"version": SLIM_VERSION, "module_fingerprint": record.get("module_fingerprint"),
+                                   "rejected": {"reason": reason, "folder": record.get("folder")}}) + "\n")
 
 
 def load_slim(cache_dir, handle: str, module_path: Path, digest: str, image_size: int | None, audit, allowed_ops):
@@ -135,6 +137,10 @@ def load_slim(cache_dir, handle: str, module_path: Path, digest: str, image_size
                       feature_dim=int(record["feature_dim"]), trainable_variables=int(record["trainable_variables"]),
                       audit=audit.to_dict())
     loaded = LoadedModule(info, copy, copy.features)
+    got = loaded.pixel_features(tf.constant(_probe_pixels(spec))).numpy()
+    if _digest(got) != record.get("probe", {}).get("sha256"):  # never used: extraction must give the module's vectors
+        _reject(path, record, "its vectors on the probe batch differ from the module's")
+        return None
     loaded.info = replace(info, feature_dim=probe_features(loaded), slim_copy=str(folder))
     return loaded
 
