@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import cached_vectors, finish_json, same_tflite_model
 from tiny_modules import save_tiny_module, write_colour_images
 
 COUNT = 370  # per class: 1110 images, two full shards of 512 and a part
@@ -30,45 +29,6 @@ def _train(module, images, out, cache, **popen):
     command = [sys.executable, "-m", "retrain", "train", str(images), "--module", module, "--output", str(out),
                "--cache-dir", str(cache), *ARGS]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def _finish(process, timeout=300) -> dict:
-    stdout, stderr = process.communicate(timeout=timeout)
-    assert process.returncode == 0, stderr
-    assert "Traceback" not in stderr
-    return json.loads(stdout)
-
-
-def _cached(cache: Path) -> dict[str, np.ndarray]:
-    """Every vector in the cache; every shard must be intact."""
-    vectors = {}
-    for shard in sorted(cache.glob("*/*.npz")):
-        if shard.name.startswith("."):
-            continue
-        with np.load(shard, allow_pickle=False) as data:
-            keys, values = data["keys"], data["vectors"]
-        assert keys.shape[0] == values.shape[0]
-        for key, value in zip(keys.tolist(), values):
-            vectors.setdefault(key, value)
-    return vectors
-
-
-def _same_model(a: Path, b: Path) -> None:
-    """Same tensors and weights in both float32 TFLite files (their bytes differ from run to run)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    first, second = Interpreter(str(a / "model.tflite")), Interpreter(str(b / "model.tflite"))
-    constants = 0
-    for x, y in zip(first.get_tensor_details(), second.get_tensor_details(), strict=True):
-        assert (x["name"], list(x["shape"])) == (y["name"], list(y["shape"]))
-        try:
-            values = first.get_tensor(x["index"])
-        except ValueError:  # not a constant: no data before inference
-            continue
-        np.testing.assert_array_equal(values, second.get_tensor(y["index"]))
-        constants += 1
-    assert constants > 0
-    assert (a / "labels.txt").read_text() == (b / "labels.txt").read_text()
 
 
 def _same_vectors(a: dict, b: dict) -> None:
@@ -94,9 +54,9 @@ def reference(slow_setup, tmp_path_factory):
     """An uninterrupted run: what every other run must reproduce."""
     module, images = slow_setup
     root = tmp_path_factory.mktemp("reference")
-    result = _finish(_train(module, images, root / "out", root / "cache"))
+    result = finish_json(_train(module, images, root / "out", root / "cache"))
     assert result["cache"]["misses"] == 3 * COUNT
-    return result, root / "out", _cached(root / "cache")
+    return result, root / "out", cached_vectors(root / "cache")
 
 
 def test_sigkill_during_extraction_then_rerun_resumes_with_the_same_result(slow_setup, reference, tmp_path):
@@ -104,17 +64,17 @@ def test_sigkill_during_extraction_then_rerun_resumes_with_the_same_result(slow_
     expected, expected_out, expected_vectors = reference
     out, cache = tmp_path / "out", tmp_path / "cache"
     _kill_when(_train(module, images, out, cache), lambda: list(cache.glob("*/[!.]*.npz")), "the first complete shard")
-    kept = _cached(cache)
+    kept = cached_vectors(cache)
     assert 0 < len(kept) < 3 * COUNT, "the kill did not land during extraction"
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
-    result = _finish(_train(module, images, out, cache))
+    result = finish_json(_train(module, images, out, cache))
     assert result["cache"]["hits"] == len(kept)
     assert result["cache"]["misses"] == 3 * COUNT - len(kept)
-    _same_vectors(_cached(cache), expected_vectors)
+    _same_vectors(cached_vectors(cache), expected_vectors)
     assert result["metrics"]["test"] == expected["metrics"]["test"]
     assert result["split"] == expected["split"]
-    _same_model(out, expected_out)
+    same_tflite_model(out, expected_out)
 
 
 def test_sigkill_during_export_leaves_no_output_and_the_rerun_cleans_up(slow_setup, reference, tmp_path):
@@ -125,10 +85,10 @@ def test_sigkill_during_export_leaves_no_output_and_the_rerun_cleans_up(slow_set
     assert not out.exists()  # nothing where a user would pick it up
     assert len(list(tmp_path.glob(".out.partial-*"))) == 1
 
-    result = _finish(_train(module, images, out, cache))
+    result = finish_json(_train(module, images, out, cache))
     assert result["cache"] == {**result["cache"], "hits": 3 * COUNT, "misses": 0}
     assert not list(tmp_path.glob(".out.partial-*"))  # the dead run's staging folder is gone
-    _same_model(out, expected_out)
+    same_tflite_model(out, expected_out)
 
 
 def test_two_runs_sharing_one_cache_both_finish_correctly(slow_setup, reference, tmp_path):
@@ -137,12 +97,12 @@ def test_two_runs_sharing_one_cache_both_finish_correctly(slow_setup, reference,
     cache = tmp_path / "cache"
     first = _train(module, images, tmp_path / "a", cache)
     second = _train(module, images, tmp_path / "b", cache)
-    results = [_finish(first), _finish(second)]
+    results = [finish_json(first), finish_json(second)]
     for result, name in zip(results, "ab"):
         assert result["cache"]["hits"] + result["cache"]["misses"] == 3 * COUNT
         assert result["metrics"]["test"] == expected["metrics"]["test"]
-        _same_model(tmp_path / name, expected_out)
-    _same_vectors(_cached(cache), expected_vectors)
+        same_tflite_model(tmp_path / name, expected_out)
+    _same_vectors(cached_vectors(cache), expected_vectors)
     assert not list(cache.glob("*/.tmp-*")) and not list(cache.glob("*/.corrupt-*"))
-    third = _finish(_train(module, images, tmp_path / "c", cache))
+    third = finish_json(_train(module, images, tmp_path / "c", cache))
     assert (third["cache"]["hits"], third["cache"]["misses"]) == (3 * COUNT, 0)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import ROOT
+from conftest import ROOT, cached_vectors, finish_json, same_tflite_model
 from tiny_modules import save_tiny_module, write_colour_images
 from retrain.cli import main
 
@@ -42,13 +42,6 @@ def _run(*args, **popen):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def _finish(process, timeout=300) -> dict:
-    stdout, stderr = process.communicate(timeout=timeout)
-    assert process.returncode == 0, stderr
-    assert "Traceback" not in stderr
-    return json.loads(stdout)
-
-
 def _extract_in_process(images, module, cache, *extra) -> dict:
     result = CliRunner().invoke(main, ["extract", str(images), "--module", str(module), "--cache-dir", str(cache),
                                        "--batch-size", "8", "--shard-size", "16", "--json", *map(str, extra)])
@@ -60,46 +53,12 @@ def _shards(cache: Path) -> list[Path]:
     return sorted(p for p in cache.glob("*/*.npz") if not p.name.startswith("."))
 
 
-def _cached(cache: Path) -> dict[str, np.ndarray]:
-    """Every vector in the cache, each shard checked whole (checksum as the cache verifies it) and
-    each key in one shard only: a key in two shards was computed twice."""
-    from retrain.features.bottlenecks import _checksum
-
-    vectors = {}
-    for shard in _shards(cache):
-        with np.load(shard, allow_pickle=False) as data:
-            keys, values, checksum = data["keys"], data["vectors"], str(data["checksum"])
-        assert keys.shape[0] == values.shape[0] > 0
-        assert _checksum(keys, values) == checksum, f"corrupt shard {shard}"
-        for key, value in zip(keys.tolist(), values):
-            assert key not in vectors, f"{key} computed twice"
-            vectors[key] = value
-    return vectors
-
-
-def _same_model(a: Path, b: Path, atol: float) -> None:
-    """Same tensors in both float32 TFLite files, constants within ``atol``."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    first, second = Interpreter(str(a / "model.tflite")), Interpreter(str(b / "model.tflite"))
-    constants = 0
-    for x, y in zip(first.get_tensor_details(), second.get_tensor_details(), strict=True):
-        assert (x["name"], list(x["shape"])) == (y["name"], list(y["shape"]))
-        try:
-            values = first.get_tensor(x["index"])
-        except ValueError:  # not a constant: no data before inference
-            continue
-        np.testing.assert_allclose(values, second.get_tensor(y["index"]), rtol=0, atol=atol)
-        constants += 1
-    assert constants > 0
-
-
 TRAIN_ARGS = ["--quantize", "none", "--json"]
 
 
 def test_two_worker_processes_then_train_reads_every_vector_from_the_cache(setup, tmp_path):
     module, images = setup
-    extracted = _finish(_run("extract", images, "--module", module, "--cache-dir", tmp_path / "beam", "--workers", "2",
+    extracted = finish_json(_run("extract", images, "--module", module, "--cache-dir", tmp_path / "beam", "--workers", "2",
                              "--batch-size", "8", "--shard-size", "16", "--json"))
     total = sum(COUNTS.values())
     assert (extracted["images"], extracted["computed"], extracted["already_cached"]) == (total, total, 0)
@@ -107,23 +66,24 @@ def test_two_worker_processes_then_train_reads_every_vector_from_the_cache(setup
     assert extracted["skipped"] == [] and extracted["shards"] == len(_shards(tmp_path / "beam"))
     assert Path(extracted["cache_dir"]).parent == (tmp_path / "beam").resolve()
 
-    with_beam = _finish(_run("train", images, "--module", module, "--cache-dir", tmp_path / "beam",
+    with_beam = finish_json(_run("train", images, "--module", module, "--cache-dir", tmp_path / "beam",
                              "--output", tmp_path / "out-beam", *TRAIN_ARGS))
     assert (with_beam["cache"]["hits"], with_beam["cache"]["misses"]) == (total, 0)
-    by_itself = _finish(_run("train", images, "--module", module, "--cache-dir", tmp_path / "alone",
+    by_itself = finish_json(_run("train", images, "--module", module, "--cache-dir", tmp_path / "alone",
                              "--output", tmp_path / "out-alone", *TRAIN_ARGS))
     assert by_itself["cache"]["misses"] == total
-    beam_vectors, own_vectors = _cached(tmp_path / "beam"), _cached(tmp_path / "alone")
+    beam_vectors = cached_vectors(tmp_path / "beam", unique_keys=True)
+    own_vectors = cached_vectors(tmp_path / "alone", unique_keys=True)
     assert sorted(beam_vectors) == sorted(own_vectors)
     worst = max(float(np.abs(beam_vectors[k] - own_vectors[k]).max()) for k in own_vectors)
     assert worst <= 1e-5, worst
     assert with_beam["metrics"]["test"] == by_itself["metrics"]["test"]
     assert with_beam["split"] == by_itself["split"]
-    _same_model(tmp_path / "out-beam", tmp_path / "out-alone", atol=1e-4)
+    same_tflite_model(tmp_path / "out-beam", tmp_path / "out-alone", atol=1e-4)
 
     again = _extract_in_process(images, module, tmp_path / "beam")
     assert (again["computed"], again["already_cached"], again["shards"], again["processes"]) == (0, total, 0, 0)
-    assert len(_cached(tmp_path / "beam")) == total
+    assert len(cached_vectors(tmp_path / "beam", unique_keys=True)) == total
 
 
 def _kill_group_when(process, happened, what: str, timeout: float = 240) -> None:
@@ -145,14 +105,14 @@ def test_killed_halfway_then_rerun_computes_only_what_is_missing(tmp_path):
     args = ["extract", images, "--module", module, "--cache-dir", cache, "--workers", "2", "--batch-size", "8",
             "--shard-size", "8", "--json"]
     _kill_group_when(_run(*args, start_new_session=True), lambda: _shards(cache), "first shard")
-    kept = _cached(cache)  # every shard there is whole
+    kept = cached_vectors(cache, unique_keys=True)  # every shard there is whole
     total = sum(SLOW_COUNTS.values())
     assert 0 < len(kept) < total, "the kill did not land during extraction"
 
-    rerun = _finish(_run(*args))
+    rerun = finish_json(_run(*args))
     assert rerun["already_cached"] == len(kept)
     assert rerun["computed"] == total - len(kept)
-    after = _cached(cache)  # no key in two shards: nothing already written was computed again
+    after = cached_vectors(cache, unique_keys=True)  # no key in two shards: nothing already written was computed again
     assert sorted(after) == sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in images.glob("*/*.jpg"))
     for key, vector in kept.items():
         np.testing.assert_array_equal(after[key], vector)
@@ -178,7 +138,7 @@ def test_skipped_files_are_listed_with_their_reasons(setup, tmp_path):
     assert result["skipped_total"] == 4
     # images: the 6, the copy and the two that cannot be decoded; the copy is computed once
     assert (result["images"], result["computed"], result["duplicates"]) == (9, 6, 1)
-    assert len(_cached(tmp_path / "cache")) == 6
+    assert len(cached_vectors(tmp_path / "cache", unique_keys=True)) == 6
 
 
 def test_a_refused_module_fails_before_any_image_is_read(setup, tmp_path, monkeypatch):
