@@ -24,13 +24,17 @@ def test_first_load_makes_the_copy_and_later_loads_use_it_with_identical_vectors
     cache = tmp_path / "cache"
     first = load_module(tiny_module, slim_dir=cache)
     assert first.info.slim_copy is None  # the module itself, and a copy made from it
+    assert first.info.loaded == "partial"  # only its __call__ and variable lists were rebuilt
     records = list((cache / SLIM_FOLDER).glob("*.json"))
     assert len(records) == 1 and len(json.loads(records[0].read_text())["probe"]["sha256"]) == 64
     second = load_module(tiny_module, slim_dir=cache)
     assert second.info.slim_copy is not None and Path(second.info.slim_copy).parent == cache / SLIM_FOLDER
     full = load_module(tiny_module)
+    assert (second.info.loaded, full.info.loaded) == ("slim", "full")
     pixels = tf.constant(_pixels())
     assert np.array_equal(second.pixel_features(pixels).numpy(), full.pixel_features(pixels).numpy())
+    assert np.array_equal(first.pixel_features(pixels).numpy(), full.pixel_features(pixels).numpy())
+    assert [v.numpy().tobytes() for v in first.obj.variables] == [v.numpy().tobytes() for v in full.obj.variables]
     assert (second.info.fingerprint, second.info.input_spec, second.info.feature_dim) == (
         full.info.fingerprint, full.info.input_spec, full.info.feature_dim)
     assert len(second.obj.variables) == len(full.obj.variables)

@@ -141,7 +141,7 @@ def load_slim(cache_dir, handle: str, module_path: Path, digest: str, image_size
     if _digest(got) != record.get("probe", {}).get("sha256"):  # never used: extraction must give the module's vectors
         _reject(path, record, "its vectors on the probe batch differ from the module's")
         return None
-    loaded.info = replace(info, feature_dim=probe_features(loaded), slim_copy=str(folder))
+    loaded.info = replace(info, feature_dim=probe_features(loaded), slim_copy=str(folder), loaded="slim")
     return loaded
 
 
