@@ -150,23 +150,9 @@ def _io_lines(height: int, width: int, n_classes: int) -> list[str]:
     ]
 
 
-def _snippet_lines(height: int, width: int) -> list[str]:
+def _server_snippet_lines() -> list[str]:
+    """``serving_bytes`` from Python, and one TF Serving REST request."""
     return [
-        "## Run it",
-        "",
-        "Python (SavedModel):",
-        "",
-        "```python",
-        "import numpy as np, tensorflow as tf",
-        "from PIL import Image, ImageOps",
-        "",
-        'model = tf.saved_model.load("saved_model")',
-        'labels = open("labels.txt").read().splitlines()',
-        'image = np.asarray(ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB"))[None]',
-        'probabilities = model.signatures["serving_default"](images=tf.constant(image))["probabilities"][0].numpy()',
-        "print(labels[int(probabilities.argmax())], float(probabilities.max()))",
-        "```",
-        "",
         "Encoded files in, as a server takes them (`serving_bytes`):",
         "",
         "```python",
@@ -189,6 +175,27 @@ def _snippet_lines(height: int, width: int) -> list[str]:
         "",
         'The answer is `{"predictions": [{"probabilities": [...], "classes": [...], "scores": [...]}]}`.',
         "",
+    ]
+
+
+def _snippet_lines(height: int, width: int) -> list[str]:
+    return [
+        "## Run it",
+        "",
+        "Python (SavedModel):",
+        "",
+        "```python",
+        "import numpy as np, tensorflow as tf",
+        "from PIL import Image, ImageOps",
+        "",
+        'model = tf.saved_model.load("saved_model")',
+        'labels = open("labels.txt").read().splitlines()',
+        'image = np.asarray(ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB"))[None]',
+        'probabilities = model.signatures["serving_default"](images=tf.constant(image))["probabilities"][0].numpy()',
+        "print(labels[int(probabilities.argmax())], float(probabilities.max()))",
+        "```",
+        "",
+        *_server_snippet_lines(),
         "LiteRT (`pip install ai-edge-litert`):",
         "",
         "```python",
