@@ -77,7 +77,7 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
     output = Path(output).expanduser()
     check_train_paths(image_dir, output, config, module, overwrite)
     with watch("module"):  # trust and the op audit refuse a module before any image is read
-        check_module(module, config.allow_unversioned, config.trust_hosts, config.allowed_module_ops)
+        checked = check_module(module, config.allow_unversioned, config.trust_hosts, config.allowed_module_ops)
     with watch("scan"):
         split = split_dataset(image_dir, config.validation_percent, config.test_percent, config.validation_dir,
                               config.test_dir)
@@ -87,7 +87,7 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
     with watch("module"):
         loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
                              records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops,
-                             slim_dir=None if config.fine_tune else config.resolved_cache_dir)
+                             slim_dir=None if config.fine_tune else config.resolved_cache_dir, checked=checked)
         check_apart({"output folder": output, "cache folder": config.resolved_cache_dir},
                     {"module folder": loaded.info.path})  # a URL's folder in the TF Hub cache
         if config.fine_tune:

@@ -24,15 +24,9 @@ from ..serving.tflite import (
     OUTPUT_KEY,
     SIGNATURE_ANY_SIZE,
     SIGNATURE_FIXED,
+    read_labels,
     read_tflite_labels,
 )
-
-
-def _read_labels(path: Path) -> list[str]:
-    labels = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not labels:
-        raise ModelError(f"labels file {path} is empty")
-    return labels
 
 
 def _accepted_ops(saved_model: Path) -> tuple[str, ...]:
@@ -72,7 +66,7 @@ class SavedModelRunner:
             labels = Path(directory).parent / LABELS_FILE
         if not labels.exists():
             raise ModelError(f"no {LABELS_FILE} in {Path(directory) / 'assets'} or beside {directory}")
-        self.classes = _read_labels(labels)
+        self.classes = read_labels(labels)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         tf = _tf()
@@ -127,7 +121,7 @@ class TFLiteRunner:
             beside = Path(path).parent / LABELS_FILE
             if not beside.exists():
                 raise ModelError(f"TFLite model {path} carries no labels and there is no {LABELS_FILE} beside it")
-            labels = _read_labels(beside)
+            labels = read_labels(beside)
         self.classes = labels
 
     def _resize(self, batch: int) -> None:

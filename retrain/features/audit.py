@@ -95,6 +95,7 @@ class AuditResult:
     functions: int  # graph functions walked
     ops: tuple[str, ...]  # every distinct op type they hold
     accepted: tuple[str, ...]  # refused ops found and accepted with --allow-module-op
+    root_children: tuple[str, ...] = ()  # names of the root object's children (__call__, variables...)
 
     def to_dict(self) -> dict:
         return {"functions": self.functions, "distinct_ops": len(self.ops), "accepted_ops": list(self.accepted)}
@@ -218,7 +219,8 @@ def audit_module(path: str | Path, handle: str | None = None, allowed_ops=(), wh
 
     ``what="model"`` audits a SavedModel given to ``evaluate`` / ``predict`` the same way."""
     path = Path(path)
-    findings, walked, all_ops = find_refused_ops(read_saved_model(path, what))
+    proto = read_saved_model(path, what)
+    findings, walked, all_ops = find_refused_ops(proto)
     allowed = set(allowed_ops)
     refused = [f for f in findings if f.op not in allowed]
     if refused:
@@ -230,7 +232,9 @@ def audit_module(path: str | Path, handle: str | None = None, allowed_ops=(), wh
                   else "a SavedModel is executed code: retrain runs a model with it only when its run.json "
                        "records the op as accepted (train --allow-module-op)")
         raise ModuleError(f"{what} {handle or path} is refused: {where} runs op {first.op}, which {first.reason}{others}; {advice}")
-    return AuditResult(walked, tuple(sorted(all_ops)), tuple(sorted({f.op for f in findings})))
+    root = proto.meta_graphs[0].object_graph_def.nodes
+    children = tuple(child.local_name for child in root[0].children) if root else ()
+    return AuditResult(walked, tuple(sorted(all_ops)), tuple(sorted({f.op for f in findings})), children)
 
 
 __all__ = ["REFUSED_OPS", "CHECKPOINT_OPS", "AuditResult", "Finding", "audit_module", "check_allowed_ops", "find_refused_ops"]

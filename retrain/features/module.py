@@ -274,7 +274,8 @@ def check_module(handle: str, allow_unversioned: bool = False, trust_hosts: tupl
 
 def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False,
                 trust_hosts: tuple[str, ...] = (), records_dir: str | os.PathLike | None = None,
-                allowed_ops=(), slim_dir: str | os.PathLike | None = None) -> LoadedModule:
+                allowed_ops=(), slim_dir: str | os.PathLike | None = None,
+                checked: tuple[Path, AuditResult] | None = None) -> LoadedModule:
     """Resolve, audit, load and check a feature-vector module.
 
     No function of the module runs before its ops are audited (``check_module``); ``allowed_ops``
@@ -284,9 +285,12 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
     ``slim_dir`` (a cache folder): load the module's slim copy from there when one was made for
     this fingerprint, else load the module and make one (see ``slim.py``): only for callers that
     run the inference function alone (extraction, export), not fine-tuning or publishing.
+
+    ``checked``: what ``check_module`` returned for this handle and ``allowed_ops`` earlier in the
+    same run (``train`` checks before scanning the images), so it is not resolved and audited twice.
     """
     handle = str(handle)
-    path, audit = check_module(handle, allow_unversioned, trust_hosts, allowed_ops)
+    path, audit = checked or check_module(handle, allow_unversioned, trust_hosts, allowed_ops)
     digest = fingerprint(path)
     if is_url(handle):
         from ..config import default_cache_dir
@@ -319,7 +323,7 @@ class PartialModule:
         return self.restored_call(*args, **kwargs)
 
 
-def _load_partial(path: Path):
+def _load_partial(path: Path, children: tuple[str, ...]):
     """Only the module's ``__call__`` and variable lists, when it has a ``__call__`` that needs no
     other object (a TF Hub style module lists all its variables); else None (the caller loads it all).
 
@@ -329,10 +333,6 @@ def _load_partial(path: Path):
     for the whole module, 2.4-2.5 s for these parts, with the same vectors bit for bit."""
     from tensorflow.python.saved_model.load import load_partial
 
-    from .audit import read_saved_model
-
-    root = read_saved_model(path).meta_graphs[0].object_graph_def.nodes[0]
-    children = {child.local_name for child in root.children}
     if "__call__" not in children:
         return None
     try:
@@ -346,7 +346,7 @@ def _load_full(handle: str, path: Path, digest: str, image_size: int | None, aud
     """The module itself; ``partial``: only what extraction and export call (``_load_partial``)."""
     tf = _tf()
     try:
-        obj = (_load_partial(path) if partial else None) or tf.saved_model.load(str(path))
+        obj = (_load_partial(path, audit.root_children) if partial else None) or tf.saved_model.load(str(path))
     except Exception as error:
         first = first_line(error)
         if is_url(handle):

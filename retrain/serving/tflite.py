@@ -58,7 +58,7 @@ def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_pat
                 input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.uint8, name="images")],
                 autograph=False,
             )
-            self.class_names = tf.constant(_read_labels_file(labels_path))
+            self.class_names = tf.constant(read_labels(labels_path))
             self.serve_bytes = tf.function(
                 self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)], autograph=False
             )
@@ -88,8 +88,12 @@ def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_pat
     return ServingModel()
 
 
-def _read_labels_file(path) -> list[str]:
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_labels(path) -> list[str]:
+    """The class names of a labels.txt, one per non-empty line."""
+    labels = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not labels:
+        raise ModelError(f"labels file {path} is empty")
+    return labels
 
 
 def save_serving_model(serving, directory: str | Path) -> None:
