@@ -8,7 +8,8 @@ import click
 
 from . import __version__, progress
 from .config import AUGMENT_COPIES, CLASS_WEIGHTS, EXTRACT_BACKENDS, HEADS, TrainConfig
-from .cli_text import accuracy, balance_line, fine_tune_line, head_line, label_errors_line, tflite_table
+from .cli_text import (accuracy, balance_line, fine_tune_line, head_line, label_errors_line, skipped_note,
+                       tflite_table)
 from .errors import RetrainError
 from .features.lite import AUTO_MIN_IMAGES
 from .serving.tflite import TFLITE_FORMATS
@@ -176,10 +177,8 @@ def train(image_dir, module, output, overwrite, quiet, as_json, quantize, **opti
     if as_json:
         _emit_json(result.to_dict())
         return
-    if result.skipped and not quiet:
-        click.echo(f"note: {len(result.skipped)} file(s) skipped (see run.json):", err=True)
-        for item in result.skipped[:10]:
-            click.echo(f"  {item['path']}: {item['reason']}", err=True)
+    if not quiet:
+        skipped_note(result.skipped, len(result.skipped), " (see run.json)")
     split = result.split
     click.echo(f"classes: {', '.join(result.classes)}")
     click.echo(f"images: {split['train']} train, {split['validation']} validation, {split['test']} test")
@@ -256,10 +255,8 @@ def evaluate(model, image_dir, batch_size, report_dir, overwrite, quiet, as_json
         click.echo("top-k accuracy: " + ", ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in result.top_k_accuracy.items()))
     if written:
         click.echo(f"report: {written['index']}")
-    if result.skipped and not quiet:
-        click.echo(f"note: {len(result.skipped)} file(s) skipped", err=True)
-        for item in result.skipped[:10]:
-            click.echo(f"  {item['path']}: {item['reason']}", err=True)
+    if not quiet:
+        skipped_note(result.skipped, len(result.skipped))
 
 
 @main.command()
@@ -336,10 +333,8 @@ def extract(images, beam_args, module, quiet, as_json, **options):
     if as_json:
         _emit_json(result.to_dict())
         return
-    if result.skipped and not quiet:
-        click.echo(f"note: {result.skipped_total} file(s) skipped:", err=True)
-        for item in result.skipped[:10]:
-            click.echo(f"  {item['path']}: {item['reason']}", err=True)
+    if not quiet:
+        skipped_note(result.skipped, result.skipped_total)
     click.echo(f"{result.images} images: {result.computed} computed, {result.already_cached} already cached, "
                f"{result.duplicates} identical to another file")
     workers = f", {result.processes} worker process(es) computing" if result.processes else ""

@@ -68,3 +68,11 @@ def fine_tune_line(fine: dict, seconds: float) -> None:
     else:
         click.echo(head + f"no epoch beat the frozen module (validation accuracy {frozen['accuracy']:.4f}, "
                    f"loss {frozen['loss']:.4f}): its weights were kept")
+
+
+def skipped_note(skipped: list, total: int, where: str = "") -> None:
+    """The files a command skipped, the first ten with their reasons, on stderr."""
+    if skipped:
+        click.echo(f"note: {total} file(s) skipped{where}:", err=True)
+        for item in skipped[:10]:
+            click.echo(f"  {item['path']}: {item['reason']}", err=True)
