@@ -45,7 +45,7 @@ def _stored(folder: str, count: int, rng, centres):
     """``count`` vectors written to a new store a chunk at a time: (StoredVectors, labels)."""
     import numpy as np
 
-    from retrain.features.bottlenecks import StoredVectors, VectorStore
+    from retrain.features.vectors import StoredVectors, VectorStore
 
     store, labels = VectorStore(folder), []
     for start in range(0, count, CHUNK):

@@ -25,7 +25,8 @@ from .errors import AccuracyError, ConfigError, DatasetError
 from .evaluation.evaluate import classification_metrics, small_set_note, wilson_interval
 from .evaluation.label_errors import PAGE as LABEL_ERRORS_PAGE
 from .evaluation.label_errors import find_label_errors, write_label_error_page
-from .features.bottlenecks import BottleneckCache, StoredVectors, clean_stale_temporaries, extract_bottlenecks
+from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
+from .features.vectors import StoredVectors
 from .features.lite import ExtractionBackend
 from .features.module import LoadedModule, check_module, load_module
 from .files import staged_output
@@ -114,7 +115,7 @@ def device_record(prep: Prepared) -> dict:
 
 @dataclass
 class Features:
-    vectors: object  # content hash -> vector (bottlenecks.VectorStore)
+    vectors: object  # content hash -> vector (vectors.VectorStore)
     cache: dict  # hits, misses, corrupt_shards, dir
     skipped: list[dict]
     folded: int  # validation images folded into training

@@ -73,7 +73,7 @@ def test_duplicate_content_is_computed_once(tiny_module, colour_dir, tmp_path):
 
 
 def test_vectors_are_read_back_from_disk_not_kept_in_memory(tiny_module, colour_dir, tmp_path):
-    from retrain.features.bottlenecks import VectorStore
+    from retrain.features.vectors import VectorStore
 
     module = load_module(tiny_module)
     cache = BottleneckCache(tmp_path, module.info.fingerprint, module.info.input_spec.key())
@@ -89,7 +89,7 @@ def test_vectors_are_read_back_from_disk_not_kept_in_memory(tiny_module, colour_
 def test_vector_store_maps_keys_to_rows_as_it_grows(tmp_path):
     import pytest
 
-    from retrain.features.bottlenecks import VectorStore
+    from retrain.features.vectors import VectorStore
 
     store = VectorStore(tmp_path / "store")
     assert len(store) == 0 and "a" not in store
@@ -109,7 +109,7 @@ def test_vector_store_maps_keys_to_rows_as_it_grows(tmp_path):
 
 
 def test_vector_store_falls_back_to_the_temporary_folder(tmp_path):
-    from retrain.features.bottlenecks import VectorStore
+    from retrain.features.vectors import VectorStore
 
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

@@ -11,7 +11,7 @@ import pytest
 
 from retrain import progress
 from retrain.config import TrainConfig
-from retrain.features.bottlenecks import StoredVectors, VectorStore
+from retrain.features.vectors import StoredVectors, VectorStore
 from retrain.training import head as head_module
 from retrain.training.head import train_head_minibatch
 

@@ -87,7 +87,7 @@ STREAM_BLOCK_BYTES = 1 << 20  # consecutive vectors read together when streaming
 
 
 def is_streamed(vectors) -> bool:
-    """Vectors read a piece at a time (``shape`` and ``read(positions)``, e.g. bottlenecks.StoredVectors)
+    """Vectors read a piece at a time (``shape`` and ``read(positions)``, e.g. vectors.StoredVectors)
     rather than an array."""
     return not isinstance(vectors, np.ndarray) and callable(getattr(vectors, "read", None))
 
