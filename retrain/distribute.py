@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._tf import keras_registrations
 from ._tf import tf as _tf
 from .errors import ConfigError
 
@@ -84,6 +85,7 @@ class Replicas:
         tf = _tf()
         spec = module.info.input_spec
         with self.strategy.scope():
+            keras_registrations()
             obj = tf.saved_model.load(module.info.path)
         call, _ = _call_and_spec(obj)
         traced = tf.function(call, input_signature=[tf.TensorSpec([None, spec.height, spec.width, 3], tf.float32)],

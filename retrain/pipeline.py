@@ -25,15 +25,18 @@ from .errors import AccuracyError, ConfigError, DatasetError
 from .evaluation.evaluate import classification_metrics, small_set_note, wilson_interval
 from .evaluation.label_errors import PAGE as LABEL_ERRORS_PAGE
 from .evaluation.label_errors import find_label_errors, write_label_error_page
-from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
+from .features.ahead import DecodedAhead
+from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks, look_up
 from .features.vectors import StoredVectors
 from .features.lite import ExtractionBackend
-from .features.module import LoadedModule, check_module, load_module
+from .features.module import InputSpec, LoadedModule, check_module, fingerprint, load_module
 from .files import staged_output
 from .records import MODEL_CARD_FILE, METRICS_FILE, RUN_FILE, SAVED_MODEL_DIR, Stopwatch, TrainResult, write_records
 from .safety import MODEL, check_apart, check_cache_folder, check_output_folder, ensure_cache
-from .serving.checks import (TestSet, batched, representative_images, test_pixels, tflite_metadata,
-                             write_tflite_variants)
+from .errors import first_line
+from .serving.checks import (TestSet, batched, representative_images, test_pixels, tflite_figures, tflite_latency,
+                             tflite_metadata, tflite_warnings, write_tflite_files)
+from .serving.compose import MADE_BY_CONVERTER, MADE_FROM_MODULE, append_head
 from .serving.tflite import LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format
 from .training.finetune import fine_tune, trainable_module_variables
 from .training.head import Head, balanced_class_weights, choose_solver, class_counts, fit_head, should_stream
@@ -49,6 +52,8 @@ class Prepared:
     module: LoadedModule
     batch: int  # images per module call (per device: with several replicas, extraction calls take batch x replicas)
     replicas: object = None  # distribute.Replicas on several devices; None on one (no strategy)
+    looked_up: object = None  # bottlenecks.LookedUp: the cache's part of the images, looked up while the module loaded
+    ahead: object = None  # ahead.DecodedAhead: the images to compute, decoding while the module loaded
 
 
 def output_target(output: str | os.PathLike) -> Path:
@@ -85,19 +90,45 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
     if config.fine_tune and not split.validation:
         raise ConfigError("--fine-tune needs validation images to keep only improvements: "
                           "use --validation-percent above 0 or --validation-dir")
+    replicas = choose_devices(config.devices, config.extract_backend)
     with watch("module"):
-        loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
-                             records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops,
-                             slim_dir=None if config.fine_tune else config.resolved_cache_dir, checked=checked)
-        check_apart({"output folder": output, "cache folder": config.resolved_cache_dir},
-                    {"module folder": loaded.info.path})  # a URL's folder in the TF Hub cache
-        if config.fine_tune:
-            trainable_module_variables(loaded)  # a module that cannot be fine-tuned fails before any work
-        replicas = choose_devices(config.devices, config.extract_backend)
-        if replicas is not None:
-            replicas.load(loaded)
+        path, audit = checked
+        digest = fingerprint(path)
+        # The images to compute are decoded on the idle core while the module loads (features/ahead.py).
+        looked_up, ahead = (None, None) if replicas is not None else decode_ahead(split, config, audit, digest)
+        try:
+            loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
+                                 records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops,
+                                 slim_dir=None if config.fine_tune else config.resolved_cache_dir,
+                                 checked=(path, audit, digest))
+            check_apart({"output folder": output, "cache folder": config.resolved_cache_dir},
+                        {"module folder": loaded.info.path})  # a URL's folder in the TF Hub cache
+            if config.fine_tune:
+                trainable_module_variables(loaded)  # a module that cannot be fine-tuned fails before any work
+            if replicas is not None:
+                replicas.load(loaded)
+        except BaseException:
+            if ahead is not None:
+                ahead.close()
+            raise
     spec = loaded.info.input_spec
-    return Prepared(config, output, split, loaded, config.batch_for_images(spec.height, spec.width), replicas)
+    return Prepared(config, output, split, loaded, config.batch_for_images(spec.height, spec.width), replicas,
+                    looked_up, ahead)
+
+
+def decode_ahead(split: Split, config: TrainConfig, audit, digest: str):
+    """What the cache holds of the run's images, and the rest decoding on a thread of their own
+    (``DecodedAhead``), at the size the module's protobuf declares; (None, None) when it declares
+    none that this run can use (extraction then looks up and decodes as it would have)."""
+    height, width = audit.image_size or (None, None)
+    height, width = height or config.image_size, width or config.image_size
+    if not height or not width:
+        return None, None
+    cache = BottleneckCache(check_cache_folder(config.resolved_cache_dir), digest, InputSpec(height, width).key())
+    looked_up = look_up(split.train + split.validation + split.test, cache)
+    if not looked_up.todo:
+        return looked_up, None
+    return looked_up, DecodedAhead(looked_up.todo, height, width, config.batch_for_images(height, width))
 
 
 def device_record(prep: Prepared) -> dict:
@@ -182,7 +213,9 @@ def compute_features(prep: Prepared, watch: Stopwatch) -> Features:
         else:  # TensorFlow on every replica (distribute.py), each batch scaled by their number
             extractor, batch = prep.replicas.extractor, batch * prep.replicas.count
             backend = prep.replicas.backend(config.extract_backend)
-        bottlenecks = extract_bottlenecks(everything, extractor, cache, batch, backend=backend)
+        looked_up = prep.looked_up if prep.looked_up is not None and prep.looked_up.entry == cache.dir else None
+        bottlenecks = extract_bottlenecks(everything, extractor, cache, batch, backend=backend, looked_up=looked_up,
+                                          ahead=prep.ahead)
     split.warnings.extend(backend.warnings)
     classes_by_path = {image.path: split.classes[image.label] for image in everything}
     skipped = list(split.skipped) + [
@@ -328,7 +361,7 @@ def _test_reference(prep: Prepared, features: Features, tuned: Tuned, serving, d
     if pixels is None:
         return test
     if tuned.weights_changed:
-        test.reference = batched(serving.serve_fixed, pixels, prep.batch)
+        test.reference = batched(serving.functions.serve_fixed, pixels, prep.batch)
         source = "fine-tuned serving model (the saved one, in memory) on the test images"
     else:
         test_x, _ = arrays(images, features.vectors, prep.module.info.feature_dim)
@@ -348,8 +381,6 @@ def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tu
     labels_path = folder / LABELS_FILE
     labels_path.write_text("\n".join(split.classes) + "\n", encoding="utf-8")
     serving = build_serving_model(prep.module, tuned.kernel, tuned.bias, str(labels_path))
-    save_serving_model(serving, folder / SAVED_MODEL_DIR)
-    artifacts = {"saved_model": str(output / SAVED_MODEL_DIR), "labels": str(output / LABELS_FILE)}
     test = _test_reference(prep, features, tuned, serving, decoded, metrics)
     check_min_accuracy(config.min_accuracy, metrics.get("test"), output)
     formats = ["float32"] + [f for f in config.quantize if f != "float32"]
@@ -357,15 +388,49 @@ def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tu
     if any(TFLITE_FORMATS[f].needs_representative for f in formats):
         representative = representative_images(split.train, prep.module.info.input_spec, config.calibration_samples,
                                                config.seed, prep.batch)
-    paths, metrics["tflite"], warnings = write_tflite_variants(
-        serving, folder, formats, split.classes, representative, test, config.max_accuracy_drop,
-        tflite_metadata(prep.module.info, split.classes, tuned.weights_changed))
-    split.warnings.extend(warnings)
+    float32, made = (None, MADE_BY_CONVERTER) if tuned.weights_changed else _float32_from_module(prep, features, tuned)
+    paths = write_tflite_files(serving, folder, formats, split.classes, representative,
+                               tflite_metadata(prep.module.info, split.classes, tuned.weights_changed), float32)
+    # The files run on the test split on a thread of their own (LiteRT lets go of the GIL) while
+    # the SavedModel is saved, which is Python; their latency is timed after, on a quiet core.
+    checking = None
+    if test.pixels is not None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tflite-checks")
+        checking = pool.submit(lambda: {name: tflite_figures(path, test.reference, test.pixels, test.labels)
+                                        for name, path in paths.items()})
+        pool.shutdown(wait=False)
+    save_serving_model(serving, folder / SAVED_MODEL_DIR)
+    figures = checking.result() if checking is not None else {}
+    for name, row in figures.items():
+        row.update(tflite_latency(paths[name], test.pixels))
+    if "float32" in figures:
+        figures["float32"]["made"] = made
+    metrics["tflite"] = figures
+    split.warnings.extend(tflite_warnings(figures, config.max_accuracy_drop))
+    artifacts = {"saved_model": str(output / SAVED_MODEL_DIR), "labels": str(output / LABELS_FILE)}
     if stage.label_errors:
         write_label_error_page(stage.label_errors, folder, split.classes)
         artifacts["label_errors"] = str(output / LABEL_ERRORS_PAGE)
     artifacts.update({f"tflite_{name}": str(output / path.name) for name, path in paths.items()})
     return artifacts
+
+
+def _float32_from_module(prep: Prepared, features: Features, tuned: Tuned) -> tuple[bytes | None, str]:
+    """The float32 file as the module's LiteRT conversion (the one extraction ran, or the cached one,
+    or made and cached now) with the head appended (serving/compose.py); (None, why) when that
+    cannot be done, and the serving graph is converted instead."""
+    from .features.lite import converted_path, write_converted
+
+    cache_root = Path(features.cache["dir"]).parent
+    backend = features.cache.get("backend") or {}
+    try:
+        path = Path(backend["converted"]) if backend.get("backend") == "litert" else converted_path(
+            cache_root, prep.module.info)
+        if not path.is_file():
+            path, _ = write_converted(prep.module, cache_root)
+        return append_head(path.read_bytes(), tuned.kernel, tuned.bias), MADE_FROM_MODULE
+    except Exception as error:  # noqa: BLE001 - any converter or flatbuffer problem: the serving graph is converted
+        return None, f"{MADE_BY_CONVERTER}: the module's conversion could not be used ({first_line(error)})"
 
 
 # --- the orchestrator --------------------------------------------------------------------------------

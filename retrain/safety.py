@@ -224,11 +224,12 @@ CONVERTED_MODULE = re.compile(r"[0-9a-f]{16}-[0-9a-f]{12}\.tflite")
 CONVERTED_TEMPORARY = re.compile(r"\.[0-9a-f]{16}-[0-9a-f]{12}\.tflite\.[0-9a-f]{8}")
 CONVERTED_FILES = (CONVERTED_MODULE, CONVERTED_TEMPORARY)
 # Modules' slim copies (features/slim.py): CACHE/slim/<fingerprint[:16]>-<uuid>/ (a SavedModel), and
-# the records naming them, <fingerprint[:32]>-<image size or native>.json, with write_atomic's temporaries.
+# the records naming them, <fingerprint[:32]>.json (before version 3: <fingerprint[:32]>-<image size or
+# native>.json), with write_atomic's temporaries.
 SLIM_DIR = "slim"
 SLIM_COPY = re.compile(r"[0-9a-f]{16}-[0-9a-f]{32}")
-SLIM_RECORD = re.compile(r"[0-9a-f]{32}-(native|\d+)\.json")
-SLIM_RECORD_TEMPORARY = re.compile(r"\.[0-9a-f]{32}-(native|\d+)\.json\.[0-9a-f]{8}")
+SLIM_RECORD = re.compile(r"[0-9a-f]{32}(-(native|\d+))?\.json")
+SLIM_RECORD_TEMPORARY = re.compile(r"\.[0-9a-f]{32}(-(native|\d+))?\.json\.[0-9a-f]{8}")
 SAVED_MODEL_NAMES = {"saved_model.pb", "fingerprint.pb", "variables", "assets"}
 
 

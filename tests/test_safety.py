@@ -218,9 +218,10 @@ def test_cache_clear_removes_only_the_cache_files(world):
     key_files = [p for p in entry.iterdir() if safety.SHARD_KEYS_NAME.fullmatch(p.name)]  # the index: one per shard
     assert shards and len(key_files) == len(shards)
     (entry / "mine.keys").write_bytes(b"not a key file name the cache uses")
+    converted = list((cache / safety.CONVERTED_DIR).glob("*.tflite"))  # the module's LiteRT conversion
     done = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", str(cache), "--yes"], catch_exceptions=False)
     assert done.exit_code == 0, done.output
-    assert done.stdout.startswith(f"removed {len(shards) + len(key_files)} file(s)")
+    assert done.stdout.startswith(f"removed {len(shards) + len(key_files) + len(converted)} file(s)")
     assert (entry / "mine.keys").read_bytes() == b"not a key file name the cache uses"
     assert (cache / "my file.txt").read_text() == "mine"
     assert (entry / "mine.npz").read_bytes() == b"not a shard name the cache uses"

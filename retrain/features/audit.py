@@ -96,6 +96,7 @@ class AuditResult:
     ops: tuple[str, ...]  # every distinct op type they hold
     accepted: tuple[str, ...]  # refused ops found and accepted with --allow-module-op
     root_children: tuple[str, ...] = ()  # names of the root object's children (__call__, variables...)
+    image_size: tuple | None = None  # (height, width) the module declares, None for any (declared_image_size)
 
     def to_dict(self) -> dict:
         return {"functions": self.functions, "distinct_ops": len(self.ops), "accepted_ops": list(self.accepted)}
@@ -202,6 +203,32 @@ def find_refused_ops(proto) -> tuple[list[Finding], int, set[str]]:
     return list(findings.values()), len(walked), all_ops
 
 
+def declared_image_size(proto) -> tuple | None:
+    """(height, width) of the images the module's ``__call__`` (or its one-input default
+    signature) declares, each None when any size is accepted; None when it declares no image
+    input. Read from the protobuf before the module is loaded (the loaded module's own spec is
+    the one that counts: module.resolve_input_spec)."""
+    meta_graph = proto.meta_graphs[0]
+    graph = meta_graph.object_graph_def
+    shapes = []
+    children = {c.local_name: c.node_id for c in graph.nodes[0].children} if graph.nodes else {}
+    call = graph.nodes[children["__call__"]] if "__call__" in children else None
+    if call is not None and call.WhichOneof("kind") == "function":
+        for name in call.function.concrete_functions:
+            signature = graph.concrete_functions[name].canonicalized_input_signature
+            args = signature.tuple_value.values[0].tuple_value.values if signature.tuple_value.values else []
+            if args and args[0].WhichOneof("kind") == "tensor_spec_value":
+                shapes.append(args[0].tensor_spec_value.shape)
+    for key in ("default", "serving_default"):
+        inputs = meta_graph.signature_def[key].inputs if key in meta_graph.signature_def else {}
+        if not shapes and len(inputs) == 1:
+            shapes.append(next(iter(inputs.values())).tensor_shape)
+    if not shapes or len(shapes[-1].dim) != 4:
+        return None
+    dims = [d.size for d in shapes[-1].dim]
+    return (dims[1] if dims[1] > 0 else None, dims[2] if dims[2] > 0 else None)
+
+
 def check_allowed_ops(ops) -> tuple[str, ...]:
     """``--allow-module-op`` names: each must be an op the audit refuses (a typo accepts nothing)."""
     import difflib
@@ -234,7 +261,9 @@ def audit_module(path: str | Path, handle: str | None = None, allowed_ops=(), wh
         raise ModuleError(f"{what} {handle or path} is refused: {where} runs op {first.op}, which {first.reason}{others}; {advice}")
     root = proto.meta_graphs[0].object_graph_def.nodes
     children = tuple(child.local_name for child in root[0].children) if root else ()
-    return AuditResult(walked, tuple(sorted(all_ops)), tuple(sorted({f.op for f in findings})), children)
+    return AuditResult(walked, tuple(sorted(all_ops)), tuple(sorted({f.op for f in findings})), children,
+                       declared_image_size(proto))
 
 
-__all__ = ["REFUSED_OPS", "CHECKPOINT_OPS", "AuditResult", "Finding", "audit_module", "check_allowed_ops", "find_refused_ops"]
+__all__ = ["REFUSED_OPS", "CHECKPOINT_OPS", "AuditResult", "Finding", "audit_module", "check_allowed_ops",
+           "declared_image_size", "find_refused_ops"]

@@ -536,8 +536,33 @@ class Bottlenecks:
     corrupt_shards: list[str] = field(default_factory=list)
 
 
+@dataclass
+class LookedUp:
+    """What the cache holds of a list of images, and the images left to compute (each content once)."""
+
+    store: VectorStore
+    hits: int
+    todo: list  # dataset.ImageFile
+    corrupt_shards: list[str]
+    entry: Path  # the cache entry looked in (module fingerprint and preprocessing)
+
+
+def look_up(images, cache: BottleneckCache) -> LookedUp:
+    """Read the cached vectors of ``images`` into the run's store; the rest are to compute."""
+    unique: dict[str, object] = {}
+    for image in images:
+        unique.setdefault(image.content_hash, image)
+    store = VectorStore(cache.dir)
+    hits = 0
+    for keys, vectors in cache.iter_cached(list(unique)):
+        store.add(keys, vectors)
+        hits += len(keys)
+    todo = [image for key, image in unique.items() if key not in store]
+    return LookedUp(store, hits, todo, list(cache.corrupt), cache.dir)
+
+
 def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int = 64, augment=None,
-                        backend=None) -> Bottlenecks:
+                        backend=None, looked_up: LookedUp | None = None, ahead=None) -> Bottlenecks:
     """Vectors for ``images`` (dataset.ImageFile): from the cache, computing and storing the misses.
 
     Identical content is computed once. Vectors go to disk every ``SHARD_SIZE`` images, so
@@ -554,25 +579,34 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
 
     ``backend(todo) -> forward``, when given, chooses what computes the images to compute
     (features/lite.py: TensorFlow or LiteRT); by default ``module.pixel_features``.
+
+    ``looked_up``: what ``look_up(images, cache)`` found earlier in the run; ``ahead``: a
+    ``features.ahead.DecodedAhead`` of its images to compute, used when it decodes exactly those
+    at the module's size in batches of ``batch_size`` (and closed otherwise).
     """
-    unique: dict[str, object] = {}
-    for image in images:
-        unique.setdefault(image.content_hash, image)
-    store = VectorStore(cache.dir)
-    hits = 0
-    for keys, vectors in cache.iter_cached(list(unique)):
-        store.add(keys, vectors)
-        hits += len(keys)
-    todo = [image for key, image in unique.items() if key not in store]
-    result = Bottlenecks(vectors=store, hits=hits, misses=len(todo), corrupt_shards=list(cache.corrupt))
-    if not todo:
-        return result
+    looked_up = looked_up or look_up(images, cache)
+    store, todo = looked_up.store, looked_up.todo
+    result = Bottlenecks(vectors=store, hits=looked_up.hits, misses=len(todo), corrupt_shards=looked_up.corrupt_shards)
+    spec = module.info.input_spec
+    if ahead is not None and not (augment is None and ahead.matches(todo, spec.height, spec.width, batch_size)):
+        ahead.close()
+        ahead = None
+    try:
+        if todo:
+            _compute(todo, module, cache, store, result, batch_size, augment, backend, ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()
+    return result
+
+
+def _compute(todo, module, cache, store, result: Bottlenecks, batch_size: int, augment, backend, ahead) -> None:
     spec = module.info.input_spec
     todo_keys = [image.content_hash for image in todo]
     forward = module.pixel_features if backend is None else backend(todo)
     as_tensors = getattr(forward, "takes_tensors", True)  # LiteRT takes NumPy batches
     with _ShardWriter(cache, store) as shards, progress.bar(total=len(todo), desc="bottlenecks", unit="img") as bar:
-        batches = iter_image_batches(
+        batches = ahead if ahead is not None else iter_image_batches(
             [i.path for i in todo], [i.decoder for i in todo], spec.height, spec.width, batch_size, as_tensors=as_tensors
         )
         in_flight = None  # the batch the module is computing; read back after the next one is queued
@@ -590,7 +624,6 @@ def extract_bottlenecks(images, module, cache: BottleneckCache, batch_size: int 
             bar.update(len(indices) + len(skipped))
         if in_flight is not None:
             shards.add(*in_flight)
-    return result
 
 
 class _ShardWriter:

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .._tf import keras_registrations
 from .._tf import tf as _tf
 from ..errors import ModuleError, first_line
 from .audit import AuditResult, UnreadableSavedModel, audit_module
@@ -287,23 +288,23 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
     run the inference function alone (extraction, export), not fine-tuning or publishing.
 
     ``checked``: what ``check_module`` returned for this handle and ``allowed_ops`` earlier in the
-    same run (``train`` checks before scanning the images), so it is not resolved and audited twice.
+    same run (``train`` checks before scanning the images), so it is not resolved and audited twice;
+    with the module's ``fingerprint`` as a third item when that was computed too.
     """
     handle = str(handle)
-    path, audit = checked or check_module(handle, allow_unversioned, trust_hosts, allowed_ops)
-    digest = fingerprint(path)
+    path, audit, *known = checked or check_module(handle, allow_unversioned, trust_hosts, allowed_ops)
+    digest = known[0] if known else fingerprint(path)
     if is_url(handle):
         from ..config import default_cache_dir
 
         check_recorded_fingerprint(handle, path, digest, records_dir or default_cache_dir())
     if slim_dir is not None:
-        from .slim import load_slim, save_slim
+        from .slim import load_slim_copy
 
-        loaded = load_slim(slim_dir, handle, path, digest, image_size, audit, allowed_ops)
-        if loaded is None:
-            loaded = _load_full(handle, path, digest, image_size, audit, partial=True)
-            save_slim(slim_dir, loaded, image_size)
-        return loaded
+        copy, folder = load_slim_copy(slim_dir, handle, path, digest, allowed_ops)
+        if copy is not None:
+            return _described(handle, path, digest, image_size, audit, copy, "slim", str(folder))
+        return _load_full(handle, path, digest, image_size, audit, partial=True)
     return _load_full(handle, path, digest, image_size, audit)
 
 
@@ -346,12 +347,23 @@ def _load_full(handle: str, path: Path, digest: str, image_size: int | None, aud
     """The module itself; ``partial``: only what extraction and export call (``_load_partial``)."""
     tf = _tf()
     try:
-        obj = (_load_partial(path, audit.root_children) if partial else None) or tf.saved_model.load(str(path))
+        obj = _load_partial(path, audit.root_children) if partial else None
+        if obj is None:
+            keras_registrations()  # a module's objects may be Keras's: registered before the whole load
+            obj = tf.saved_model.load(str(path))
     except Exception as error:
         first = first_line(error)
         if is_url(handle):
             raise damaged_cache_entry(handle, path, f"it cannot be loaded: {first}") from None
         raise ModuleError(f"module {handle} cannot be loaded as a SavedModel: {first}") from None
+    return _described(handle, path, digest, image_size, audit, obj,
+                      "partial" if isinstance(obj, PartialModule) else "full")
+
+
+def _described(handle: str, path: Path, digest: str, image_size: int | None, audit: AuditResult, obj,
+               loaded: str, slim_copy: str | None = None) -> LoadedModule:
+    """A loaded module object, its call traced once and probed (its input size, its vector size)."""
+    tf = _tf()
     call, spec = _call_and_spec(obj)
     input_spec = resolve_input_spec(spec, image_size)
     traced = tf.function(
@@ -359,10 +371,10 @@ def _load_full(handle: str, path: Path, digest: str, image_size: int | None, aud
     )
     info = ModuleInfo(handle=handle, path=str(path), fingerprint=digest, input_spec=input_spec, feature_dim=0,
                       trainable_variables=len(getattr(obj, "trainable_variables", []) or []), audit=audit.to_dict(),
-                      loaded="partial" if isinstance(obj, PartialModule) else "full")
-    loaded = LoadedModule(info, obj, traced)
-    loaded.info = replace(info, feature_dim=probe_features(loaded))
-    return loaded
+                      slim_copy=slim_copy, loaded=loaded)
+    module = LoadedModule(info, obj, traced)
+    module.info = replace(info, feature_dim=probe_features(module))
+    return module
 
 
 def probe_features(loaded: LoadedModule) -> int:

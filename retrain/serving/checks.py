@@ -49,16 +49,13 @@ def check_tflite(tflite_path: Path, reference_probabilities: np.ndarray, pixels:
     """Run a TFLite file on the test pixels: accuracy, top-1 agreement with the reference (the
     trained model's probabilities on the same pixels), size, and mean latency of single-image
     invokes on one CPU thread (as on a phone's one core)."""
-    runner = TFLiteRunner(tflite_path)
-    probabilities = runner.predict(pixels)
+    return {**tflite_figures(tflite_path, reference_probabilities, pixels, labels), **tflite_latency(tflite_path, pixels)}
+
+
+def tflite_figures(tflite_path: Path, reference_probabilities: np.ndarray, pixels: np.ndarray, labels: np.ndarray) -> dict:
+    """``check_tflite`` but the latency: what the file computes on the test pixels."""
+    probabilities = TFLiteRunner(tflite_path).predict(pixels)
     predicted = probabilities.argmax(axis=1)
-    single = TFLiteRunner(tflite_path, num_threads=1)
-    sample = pixels[:LATENCY_IMAGES]
-    single.predict(sample[:1])  # warm-up: delegate preparation and first allocation
-    started = time.perf_counter()
-    for image in sample:
-        single.predict(image[None])
-    latency = (time.perf_counter() - started) / len(sample)
     return {
         "file": tflite_path.name,
         "size_bytes": tflite_path.stat().st_size,
@@ -66,10 +63,20 @@ def check_tflite(tflite_path: Path, reference_probabilities: np.ndarray, pixels:
         "accuracy_interval": wilson_interval(int((predicted == labels).sum()), len(labels)),
         "agreement": float((predicted == reference_probabilities.argmax(axis=1)).mean()),
         "max_abs_diff": float(np.abs(probabilities - reference_probabilities).max()),
-        "ms_per_image": round(1000.0 * latency, 3),
-        "latency_threads": 1,
         "n_images": int(len(pixels)),
     }
+
+
+def tflite_latency(tflite_path: Path, pixels: np.ndarray) -> dict:
+    """Mean time of single-image invokes on one thread, over up to ``LATENCY_IMAGES`` test images."""
+    single = TFLiteRunner(tflite_path, num_threads=1)
+    sample = pixels[:LATENCY_IMAGES]
+    single.predict(sample[:1])  # warm-up: delegate preparation and first allocation
+    started = time.perf_counter()
+    for image in sample:
+        single.predict(image[None])
+    latency = (time.perf_counter() - started) / len(sample)
+    return {"ms_per_image": round(1000.0 * latency, 3), "latency_threads": 1}
 
 
 @dataclass
@@ -104,18 +111,29 @@ def write_tflite_variants(source, directory: Path, formats, classes, representat
                           max_accuracy_drop: float, metadata: dict,
                           float32_accuracy: float | None = None) -> tuple[dict, dict, list[str]]:
     """Convert each format from ``source`` (the serving model in memory, or a SavedModel folder),
-    then check it on the test split at once. Returns (paths, figures, warnings).
+    then check it on the test split. Returns (paths, figures, warnings).
 
     Quantized variants are compared with float32's accuracy: the one written now, else
     ``float32_accuracy`` (from an earlier export)."""
-    paths, figures, warnings = {}, {}, []
-    converter, converted = tflite_converter(source), {}
-    for name in formats:
-        fmt = TFLITE_FORMATS[name]
-        path = export_tflite(source, directory / fmt.filename, name, classes, representative, metadata, converter, converted)
-        paths[name] = path
-        if test.pixels is not None:
-            figures[name] = check_tflite(path, test.reference, test.pixels, test.labels)
+    paths = write_tflite_files(source, directory, formats, classes, representative, metadata)
+    figures = {name: check_tflite(path, test.reference, test.pixels, test.labels)
+               for name, path in paths.items()} if test.pixels is not None else {}
+    return paths, figures, tflite_warnings(figures, max_accuracy_drop, float32_accuracy)
+
+
+def write_tflite_files(source, directory: Path, formats, classes, representative, metadata: dict,
+                       float32: bytes | None = None) -> dict:
+    """Write each format's file from ``source`` (see ``write_tflite_variants``); ``float32``: the
+    float32 conversion made already (serving/compose.py), which the formats quantized after
+    conversion start from too. Returns {format: path}."""
+    converter, converted = tflite_converter(source), ({} if float32 is None else {"float32": float32})
+    return {name: export_tflite(source, directory / TFLITE_FORMATS[name].filename, name, classes, representative,
+                                metadata, converter, converted) for name in formats}
+
+
+def tflite_warnings(figures: dict, max_accuracy_drop: float, float32_accuracy: float | None = None) -> list[str]:
+    """Each file's drop against float32 (recorded in its figures) and what the run must say of it."""
+    warnings = []
     baseline = figures["float32"]["accuracy"] if "float32" in figures else float32_accuracy
     for name, row in figures.items():
         if baseline is not None and name != "float32":
@@ -135,7 +153,7 @@ def write_tflite_variants(source, directory: Path, formats, classes, representat
     missed = [name for name, row in figures.items() if not _faithful(name, row, max_accuracy_drop)]
     if missed:
         warnings.append(_ship_instead(missed, figures, max_accuracy_drop))
-    return paths, figures, warnings
+    return warnings
 
 
 def _faithful(name: str, row: dict, max_accuracy_drop: float) -> bool:
