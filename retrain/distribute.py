@@ -23,6 +23,7 @@ starts): that is how the tests run two replicas on a CPU.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,14 @@ import numpy as np
 from ._tf import keras_registrations
 from ._tf import tf as _tf
 from .errors import ConfigError
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity on Linux, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass

@@ -39,7 +39,8 @@ from .serving.checks import (TestSet, batched, representative_images, test_pixel
 from .serving.compose import MADE_BY_CONVERTER, MADE_FROM_MODULE, append_head
 from .serving.tflite import LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format
 from .training.finetune import fine_tune, trainable_module_variables
-from .training.head import Head, balanced_class_weights, choose_solver, class_counts, fit_head, should_stream
+from .training.head import (Head, balanced_class_weights, choose_solver, class_counts, fit_head, import_solver_ahead,
+                            should_stream)
 
 # --- prepare: every refusal before any work -------------------------------------------------------
 
@@ -214,6 +215,7 @@ def compute_features(prep: Prepared, watch: Stopwatch) -> Features:
             extractor, batch = prep.replicas.extractor, batch * prep.replicas.count
             backend = prep.replicas.backend(config.extract_backend)
         looked_up = prep.looked_up if prep.looked_up is not None and prep.looked_up.entry == cache.dir else None
+        import_solver_ahead(config.head)
         bottlenecks = extract_bottlenecks(everything, extractor, cache, batch, backend=backend, looked_up=looked_up,
                                           ahead=prep.ahead)
     split.warnings.extend(backend.warnings)

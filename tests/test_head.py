@@ -92,6 +92,39 @@ def test_deterministic_for_a_seed_and_copies_share_a_fold():
     assert grouped.cross_validation["n_images"] == len(y) and grouped.out_of_fold.shape == (len(y), 3)
 
 
+def test_folds_on_several_threads_give_what_one_thread_gives(monkeypatch):
+    """The folds run on one thread per core: the same kernel, C and figures as one after the other,
+    and the ConvergenceWarnings the worker threads raise are still counted."""
+    x, y = blobs(40, 3, dim=48, spread=3.0)
+    monkeypatch.setattr(head_module, "cpu_cores", lambda: 1)
+    alone = fit_head(x, y, None, None, 3, TrainConfig(seed=5))
+    monkeypatch.setattr(head_module, "cpu_cores", lambda: 4)
+    threads = []
+    real_pool = head_module.ThreadPoolExecutor
+
+    def counting_pool(**kwargs):
+        threads.append(kwargs["max_workers"])
+        return real_pool(**kwargs)
+
+    monkeypatch.setattr(head_module, "ThreadPoolExecutor", counting_pool)
+    together = fit_head(x, y, None, None, 3, TrainConfig(seed=5))
+    assert threads == [4]
+    np.testing.assert_array_equal(alone.kernel, together.kernel)
+    np.testing.assert_array_equal(alone.out_of_fold, together.out_of_fold)
+    assert alone.cross_validation == together.cross_validation
+    monkeypatch.setattr(head_module, "MAX_ITERATIONS", 1)
+    assert fit_head(x, y, None, None, 3, TrainConfig(seed=5)).cross_validation["converged"] is False
+
+
+def test_the_solver_is_imported_ahead_unless_the_head_is_the_minibatch_one():
+    import sys
+
+    assert head_module.import_solver_ahead("minibatch") is None
+    thread = head_module.import_solver_ahead("auto")
+    thread.join(timeout=60)
+    assert not thread.is_alive() and "sklearn.linear_model" in sys.modules and "sklearn.model_selection" in sys.modules
+
+
 def test_the_solver_is_chosen_by_size(monkeypatch):
     assert choose_solver("auto", head_module.FULL_BATCH_MAX_VECTORS) == "logistic"
     assert choose_solver("auto", head_module.FULL_BATCH_MAX_VECTORS + 1) == "minibatch"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..distribute import cpu_cores
 from ..errors import ModuleError, first_line
 
 BACKENDS = ("auto", "tensorflow", "litert")
@@ -43,13 +44,6 @@ INVOKE_BATCH = 4
 # TensorFlow 1.50 / 2.23 against LiteRT 1.82 / 2.55; 500: 2.99 / 4.17 against 2.71 / 3.46; 1,000:
 # 6.00 / 7.29 against 4.18 / 5.27. The break-even is near 400 images.
 AUTO_MIN_IMAGES = 500
-
-
-def _threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def converted_path(cache_root: str | os.PathLike, info) -> Path:
@@ -106,7 +100,7 @@ class LiteForward:
         from .._tf import quiet_stderr
 
         Interpreter = _interpreter_class()
-        self.num_threads = num_threads or _threads()
+        self.num_threads = num_threads or cpu_cores()
         with quiet_stderr():  # LiteRT logs the XNNPACK delegate's creation on stderr
             self.interpreter = Interpreter(model_path=str(path), num_threads=self.num_threads)
             self._input = self.interpreter.get_input_details()[0]
@@ -175,7 +169,7 @@ class ExtractionBackend:
         if requested not in BACKENDS:
             raise ModuleError(f"extraction backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
         self.module, self.cache_root, self.requested = module, cache_root, requested
-        self.num_threads, self.invoke_batch, self.min_images = num_threads or _threads(), invoke_batch, min_images
+        self.num_threads, self.invoke_batch, self.min_images = num_threads or cpu_cores(), invoke_batch, min_images
         self.record: dict = {"backend": None, "requested": requested, "reason": "no image to compute"}
         self.warnings: list[str] = []
 
