@@ -323,6 +323,15 @@ class PartialModule:
     def __call__(self, *args, **kwargs):
         return self.restored_call(*args, **kwargs)
 
+    @classmethod
+    def load(cls, path, children: tuple[str, ...]) -> "PartialModule":
+        """``load_partial`` of the SavedModel at ``path`` (whose root has ``children``); raises what
+        it raises (ValueError: ``__call__`` needs objects beyond the variable lists)."""
+        from tensorflow.python.saved_model.load import load_partial
+
+        _tf()
+        return cls(load_partial(str(path), [f"root.{name}" for name in cls.PARTS if name in children]))
+
 
 def _load_partial(path: Path, children: tuple[str, ...]):
     """Only the module's ``__call__`` and variable lists, when it has a ``__call__`` that needs no
@@ -332,12 +341,10 @@ def _load_partial(path: Path, children: tuple[str, ...]):
     layer's call for training and inference) and ``tf.saved_model.load`` rebuilds them all;
     ``load_partial`` rebuilds what the named children need. Measured here (busy machine): 4.3 s
     for the whole module, 2.4-2.5 s for these parts, with the same vectors bit for bit."""
-    from tensorflow.python.saved_model.load import load_partial
-
     if "__call__" not in children:
         return None
     try:
-        return PartialModule(load_partial(str(path), [f"root.{name}" for name in PartialModule.PARTS if name in children]))
+        return PartialModule.load(path, children)
     except ValueError:  # __call__ needs objects beyond these lists (no complete `variables`): load it all
         return None
 

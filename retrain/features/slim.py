@@ -33,7 +33,6 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .._tf import tf as _tf
 from ..errors import ModuleError, first_line
 from .audit import _reachable, audit_module, read_saved_model
 
@@ -208,16 +207,11 @@ def load_slim_copy(cache_dir, handle: str, module_path: Path, digest: str, allow
     if found is None:
         return None, None
     folder, audit = found
-    from tensorflow.python.saved_model.load import load_partial
-
-    _tf()
     try:
-        parts = load_partial(str(folder), [f"root.{name}" for name in PartialModule.PARTS
-                                           if name in audit.root_children])
+        return PartialModule.load(folder, audit.root_children), folder
     except Exception as error:  # e.g. a __call__ that needs objects beyond the variable lists
         reject_slim(cache_dir, digest, f"it cannot be loaded alone: {first_line(error)[:200]}")
         return None, None
-    return PartialModule(parts), folder
 
 
 __all__ = ["SLIM_FOLDER", "load_slim_copy", "make_slim", "reject_slim", "slim_folder", "slim_proto"]
