@@ -78,24 +78,53 @@ def slim_proto(proto):
     traces = [n for n in call.concrete_functions if n in library and not _is_training_trace(graph, n)]
     if not traces:
         return None
-    nodes, todo = set(), [children[name] for name in PartialModule.PARTS if name in children]
-    while todo:  # the objects the kept children hold (the variables)
+    nodes = _held_objects(graph, [children[name] for name in PartialModule.PARTS if name in children])
+    start = _functions_held(graph, nodes - {children["__call__"]}) | set(traces)
+    start -= set(call.concrete_functions) - set(traces)  # __call__'s training traces (its trace_N children)
+    keep = _reachable(sorted(start & set(library)), library)
+    _replace(call.concrete_functions, traces)
+    _drop_edges(graph, nodes, keep)
+    _prune_library(meta_graph.graph_def.library, keep)
+    for name in list(graph.concrete_functions):
+        if name not in keep:
+            del graph.concrete_functions[name]
+    meta_graph.signature_def.clear()  # their functions are gone
+    return proto
+
+
+def _replace(field, kept: list) -> None:
+    """A repeated protobuf field set to ``kept`` (its own items, filtered)."""
+    if len(kept) != len(field):
+        del field[:]
+        field.extend(kept)
+
+
+def _held_objects(graph, roots: list[int]) -> set[int]:
+    """The object graph's nodes reachable from ``roots`` through their children (the variables)."""
+    nodes, todo = set(), list(roots)
+    while todo:
         index = todo.pop()
         if index not in nodes:
             nodes.add(index)
             todo.extend(c.node_id for c in graph.nodes[index].children)
-    start = set(traces)
-    for index in nodes - {children["__call__"]}:  # functions the variable lists hold (regularization losses)
+    return nodes
+
+
+def _functions_held(graph, nodes) -> set[str]:
+    """The concrete functions that objects among ``nodes`` hold (regularization losses, say)."""
+    held = set()
+    for index in nodes:
         node = graph.nodes[index]
         kind = node.WhichOneof("kind")
         if kind == "function":
-            start.update(node.function.concrete_functions)
+            held.update(node.function.concrete_functions)
         elif kind == "bare_concrete_function":
-            start.add(node.bare_concrete_function.concrete_function_name)
-    start -= set(call.concrete_functions) - set(traces)  # __call__'s training traces (its trace_N children)
-    keep = _reachable(sorted(start & set(library)), library)
-    del call.concrete_functions[:]
-    call.concrete_functions.extend(traces)
+            held.add(node.bare_concrete_function.concrete_function_name)
+    return held
+
+
+def _drop_edges(graph, nodes, keep: set[str]) -> None:
+    """No edge from a kept object to a function that is gone."""
 
     def dropped(index: int) -> bool:
         node = graph.nodes[index]
@@ -104,28 +133,17 @@ def slim_proto(proto):
             return node.bare_concrete_function.concrete_function_name not in keep
         return kind == "function" and not any(n in keep for n in node.function.concrete_functions)
 
-    for index in nodes:  # no edge from a kept object to a function that is gone
+    for index in nodes:
         node = graph.nodes[index]
         for field in (node.children, node.dependencies):
-            kept = [ref for ref in field if not dropped(ref.node_id)]
-            if len(kept) != len(field):
-                del field[:]
-                field.extend(kept)
-    functions = meta_graph.graph_def.library
-    kept_functions = [f for f in functions.function if f.signature.name in keep]
-    del functions.function[:]
-    functions.function.extend(kept_functions)
-    kept_gradients = [g for g in functions.gradient if g.function_name in keep and g.gradient_func in keep]
-    del functions.gradient[:]
-    functions.gradient.extend(kept_gradients)
-    registered = [g for g in functions.registered_gradients if g.gradient_func in keep]
-    del functions.registered_gradients[:]
-    functions.registered_gradients.extend(registered)
-    for name in list(graph.concrete_functions):
-        if name not in keep:
-            del graph.concrete_functions[name]
-    meta_graph.signature_def.clear()  # their functions are gone
-    return proto
+            _replace(field, [ref for ref in field if not dropped(ref.node_id)])
+
+
+def _prune_library(functions, keep: set[str]) -> None:
+    """The function library with only the ``keep`` functions and their gradients."""
+    _replace(functions.function, [f for f in functions.function if f.signature.name in keep])
+    _replace(functions.gradient, [g for g in functions.gradient if g.function_name in keep and g.gradient_func in keep])
+    _replace(functions.registered_gradients, [g for g in functions.registered_gradients if g.gradient_func in keep])
 
 
 def _record(path: Path) -> dict:
