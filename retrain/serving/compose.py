@@ -36,52 +36,61 @@ def append_head(module_tflite: bytes, kernel: np.ndarray, bias: np.ndarray) -> b
         raise ValueError(f"the module's conversion outputs {list(features.shape)}, not [n, {dim}] float32")
     batch = int(features.shape[0])
     flexible = None if features.shapeSignature is None else [int(features.shapeSignature[0]), classes]
-
-    def buffer(values: np.ndarray) -> int:
-        entry = schema.BufferT()
-        entry.data = np.frombuffer(np.ascontiguousarray(values, np.float32).tobytes(), np.uint8)
-        model.buffers.append(entry)
-        return len(model.buffers) - 1
-
-    def tensor(name: str, shape: list[int], buffer_index: int = 0, signature=None) -> int:
-        entry = schema.TensorT()
-        entry.name, entry.type, entry.buffer = name.encode(), schema.TensorType.FLOAT32, buffer_index
-        entry.shape = np.asarray(shape, np.int32)
-        entry.shapeSignature = None if signature is None else np.asarray(signature, np.int32)
-        graph.tensors.append(entry)
-        return len(graph.tensors) - 1
-
-    def opcode(builtin: int) -> int:
-        for index, code in enumerate(model.operatorCodes):
-            if code.builtinCode == builtin and code.version == 1:
-                return index
-        code = schema.OperatorCodeT()
-        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
-        model.operatorCodes.append(code)
-        return len(model.operatorCodes) - 1
-
-    def operator(builtin: int, inputs: list[int], outputs: list[int], options_type: int, options) -> None:
-        entry = schema.OperatorT()
-        entry.opcodeIndex = opcode(builtin)
-        entry.inputs, entry.outputs = np.asarray(inputs, np.int32), np.asarray(outputs, np.int32)
-        entry.builtinOptionsType, entry.builtinOptions = options_type, options
-        graph.operators.append(entry)
-
-    weights = tensor("head/kernel", [classes, dim], buffer(np.asarray(kernel, np.float32).T))
-    offsets = tensor("head/bias", [classes], buffer(bias))
-    logits = tensor("head/logits", [batch, classes], signature=flexible)
-    probabilities = tensor("probabilities", [batch, classes], signature=flexible)
+    build = _Builder(schema, model, graph)
+    weights = build.tensor("head/kernel", [classes, dim], build.buffer(np.asarray(kernel, np.float32).T))
+    offsets = build.tensor("head/bias", [classes], build.buffer(bias))
+    logits = build.tensor("head/logits", [batch, classes], signature=flexible)
+    probabilities = build.tensor("probabilities", [batch, classes], signature=flexible)
     dense = schema.FullyConnectedOptionsT()
     dense.fusedActivationFunction = schema.ActivationFunctionType.NONE
-    operator(schema.BuiltinOperator.FULLY_CONNECTED, [graph.outputs[0], weights, offsets], [logits],
-             schema.BuiltinOptions.FullyConnectedOptions, dense)
+    build.operator(schema.BuiltinOperator.FULLY_CONNECTED, [graph.outputs[0], weights, offsets], [logits],
+                   schema.BuiltinOptions.FullyConnectedOptions, dense)
     softmax = schema.SoftmaxOptionsT()
     softmax.beta = 1.0
-    operator(schema.BuiltinOperator.SOFTMAX, [logits], [probabilities], schema.BuiltinOptions.SoftmaxOptions, softmax)
+    build.operator(schema.BuiltinOperator.SOFTMAX, [logits], [probabilities], schema.BuiltinOptions.SoftmaxOptions,
+                   softmax)
     graph.outputs = np.asarray([probabilities], np.int32)
     graph.tensors[graph.inputs[0]].name = b"images"
     model.signatureDefs = []  # export_tflite's metadata step writes the serving_fixed one
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+class _Builder:
+    """Appends buffers, float32 tensors, operator codes and operators to a LiteRT model object
+    (``flatbuffer_utils``'s object API) and its subgraph ``graph``; each returns the new index."""
+
+    def __init__(self, schema, model, graph):
+        self.schema, self.model, self.graph = schema, model, graph
+
+    def buffer(self, values: np.ndarray) -> int:
+        entry = self.schema.BufferT()
+        entry.data = np.frombuffer(np.ascontiguousarray(values, np.float32).tobytes(), np.uint8)
+        self.model.buffers.append(entry)
+        return len(self.model.buffers) - 1
+
+    def tensor(self, name: str, shape: list[int], buffer_index: int = 0, signature=None) -> int:
+        entry = self.schema.TensorT()
+        entry.name, entry.type, entry.buffer = name.encode(), self.schema.TensorType.FLOAT32, buffer_index
+        entry.shape = np.asarray(shape, np.int32)
+        entry.shapeSignature = None if signature is None else np.asarray(signature, np.int32)
+        self.graph.tensors.append(entry)
+        return len(self.graph.tensors) - 1
+
+    def opcode(self, builtin: int) -> int:
+        for index, code in enumerate(self.model.operatorCodes):
+            if code.builtinCode == builtin and code.version == 1:
+                return index
+        code = self.schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+        self.model.operatorCodes.append(code)
+        return len(self.model.operatorCodes) - 1
+
+    def operator(self, builtin: int, inputs: list[int], outputs: list[int], options_type: int, options) -> None:
+        entry = self.schema.OperatorT()
+        entry.opcodeIndex = self.opcode(builtin)
+        entry.inputs, entry.outputs = np.asarray(inputs, np.int32), np.asarray(outputs, np.int32)
+        entry.builtinOptionsType, entry.builtinOptions = options_type, options
+        self.graph.operators.append(entry)
 
 
 __all__ = ["MADE_BY_CONVERTER", "MADE_FROM_MODULE", "append_head"]
