@@ -25,18 +25,17 @@ from .errors import AccuracyError, ConfigError, DatasetError
 from .evaluation.evaluate import classification_metrics, small_set_note, wilson_interval
 from .evaluation.label_errors import PAGE as LABEL_ERRORS_PAGE
 from .evaluation.label_errors import find_label_errors, write_label_error_page
-from .features.ahead import DecodedAhead
-from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks, look_up
+from .features.ahead import decode_ahead
+from .features.bottlenecks import BottleneckCache, clean_stale_temporaries, extract_bottlenecks
 from .features.vectors import StoredVectors
 from .features.lite import ExtractionBackend
-from .features.module import InputSpec, LoadedModule, check_module, fingerprint, load_module
+from .features.module import LoadedModule, check_module, fingerprint, load_module
 from .files import staged_output
 from .records import MODEL_CARD_FILE, METRICS_FILE, RUN_FILE, SAVED_MODEL_DIR, Stopwatch, TrainResult, write_records
 from .safety import MODEL, check_apart, check_cache_folder, check_output_folder, ensure_cache
-from .errors import first_line
 from .serving.checks import (TestSet, batched, representative_images, test_pixels, tflite_figures, tflite_latency,
                              tflite_metadata, tflite_warnings, write_tflite_files)
-from .serving.compose import MADE_BY_CONVERTER, MADE_FROM_MODULE, append_head
+from .serving.compose import MADE_BY_CONVERTER, float32_from_module
 from .serving.tflite import LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format
 from .training.finetune import fine_tune, trainable_module_variables
 from .training.head import (Head, balanced_class_weights, choose_solver, class_counts, fit_head, import_solver_ahead,
@@ -96,7 +95,7 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
         path, audit = checked
         digest = fingerprint(path)
         # The images to compute are decoded on the idle core while the module loads (features/ahead.py).
-        looked_up, ahead = (None, None) if replicas is not None else decode_ahead(split, config, audit, digest)
+        looked_up, ahead = (None, None) if replicas is not None else decode_ahead(split.train + split.validation + split.test, config, audit, digest)
         try:
             loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
                                  records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops,
@@ -115,21 +114,6 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
     spec = loaded.info.input_spec
     return Prepared(config, output, split, loaded, config.batch_for_images(spec.height, spec.width), replicas,
                     looked_up, ahead)
-
-
-def decode_ahead(split: Split, config: TrainConfig, audit, digest: str):
-    """What the cache holds of the run's images, and the rest decoding on a thread of their own
-    (``DecodedAhead``), at the size the module's protobuf declares; (None, None) when it declares
-    none that this run can use (extraction then looks up and decodes as it would have)."""
-    height, width = audit.image_size or (None, None)
-    height, width = height or config.image_size, width or config.image_size
-    if not height or not width:
-        return None, None
-    cache = BottleneckCache(check_cache_folder(config.resolved_cache_dir), digest, InputSpec(height, width).key())
-    looked_up = look_up(split.train + split.validation + split.test, cache)
-    if not looked_up.todo:
-        return looked_up, None
-    return looked_up, DecodedAhead(looked_up.todo, height, width, config.batch_for_images(height, width))
 
 
 def device_record(prep: Prepared) -> dict:
@@ -390,7 +374,8 @@ def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tu
     if any(TFLITE_FORMATS[f].needs_representative for f in formats):
         representative = representative_images(split.train, prep.module.info.input_spec, config.calibration_samples,
                                                config.seed, prep.batch)
-    float32, made = (None, MADE_BY_CONVERTER) if tuned.weights_changed else _float32_from_module(prep, features, tuned)
+    float32, made = (None, MADE_BY_CONVERTER) if tuned.weights_changed else float32_from_module(
+        prep.module, Path(features.cache["dir"]).parent, features.cache.get("backend") or {}, tuned.kernel, tuned.bias)
     paths = write_tflite_files(serving, folder, formats, split.classes, representative,
                                tflite_metadata(prep.module.info, split.classes, tuned.weights_changed), float32)
     # The files run on the test split on a thread of their own (LiteRT lets go of the GIL) while
@@ -415,24 +400,6 @@ def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tu
         artifacts["label_errors"] = str(output / LABEL_ERRORS_PAGE)
     artifacts.update({f"tflite_{name}": str(output / path.name) for name, path in paths.items()})
     return artifacts
-
-
-def _float32_from_module(prep: Prepared, features: Features, tuned: Tuned) -> tuple[bytes | None, str]:
-    """The float32 file as the module's LiteRT conversion (the one extraction ran, or the cached one,
-    or made and cached now) with the head appended (serving/compose.py); (None, why) when that
-    cannot be done, and the serving graph is converted instead."""
-    from .features.lite import converted_path, write_converted
-
-    cache_root = Path(features.cache["dir"]).parent
-    backend = features.cache.get("backend") or {}
-    try:
-        path = Path(backend["converted"]) if backend.get("backend") == "litert" else converted_path(
-            cache_root, prep.module.info)
-        if not path.is_file():
-            path, _ = write_converted(prep.module, cache_root)
-        return append_head(path.read_bytes(), tuned.kernel, tuned.bias), MADE_FROM_MODULE
-    except Exception as error:  # noqa: BLE001 - any converter or flatbuffer problem: the serving graph is converted
-        return None, f"{MADE_BY_CONVERTER}: the module's conversion could not be used ({first_line(error)})"
 
 
 # --- the orchestrator --------------------------------------------------------------------------------

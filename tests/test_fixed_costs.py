@@ -21,6 +21,7 @@ from retrain.data.dataset import scan_folder
 from retrain.data.images import iter_image_batches
 from retrain.features import ahead as ahead_module
 from retrain.features.ahead import DecodedAhead
+from retrain.serving import compose
 from retrain.serving.compose import MADE_BY_CONVERTER, MADE_FROM_MODULE, append_head
 
 FAST = dict(epochs=3, cv_folds=2)
@@ -184,7 +185,7 @@ def test_train_makes_the_float32_file_from_the_module_and_fine_tuning_converts_t
     def broken(*args):
         raise ValueError("an unexpected graph")
 
-    monkeypatch.setattr(pipeline, "append_head", broken)
+    monkeypatch.setattr(compose, "append_head", broken)
     retrain.train(colour_dir, tiny_module, tmp_path / "d", cache_dir=str(tmp_path / "c"), **FAST)
     row = json.loads((tmp_path / "d" / "metrics.json").read_text())["tflite"]["float32"]
     assert row["made"].startswith(MADE_BY_CONVERTER) and "an unexpected graph" in row["made"]

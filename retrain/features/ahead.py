@@ -91,3 +91,24 @@ class DecodedAhead:
 
 
 __all__ = ["BUDGET_BYTES", "DecodedAhead"]
+
+
+def decode_ahead(images, config, audit, digest: str):
+    """What the cache holds of ``images`` (a run's, for ``config``, a TrainConfig), and the rest
+    decoding on a thread of their own (``DecodedAhead``), at the size the module's protobuf
+    declares (``audit``, its AuditResult); (None, None) when it declares none that this run can use
+    (extraction then looks up and decodes as it would have)."""
+    from ..safety import check_cache_folder
+    from .bottlenecks import BottleneckCache, look_up
+    from .module import InputSpec
+
+    height, width = audit.image_size or (None, None)
+    height, width = height or config.image_size, width or config.image_size
+    if not height or not width:
+        return None, None
+    cache = BottleneckCache(check_cache_folder(config.resolved_cache_dir), digest, InputSpec(height, width).key())
+    looked_up = look_up(images, cache)
+    if not looked_up.todo:
+        return looked_up, None
+    return looked_up, DecodedAhead(looked_up.todo, height, width, config.batch_for_images(height, width))
+

@@ -93,4 +93,22 @@ class _Builder:
         self.graph.operators.append(entry)
 
 
-__all__ = ["MADE_BY_CONVERTER", "MADE_FROM_MODULE", "append_head"]
+def float32_from_module(module, cache_root, backend: dict, kernel: np.ndarray, bias: np.ndarray) -> tuple[bytes | None, str]:
+    """The float32 file as ``module``'s LiteRT conversion (the one extraction ran, as its
+    ``backend`` record names it, or the cached one, or made and cached now in ``cache_root``) with
+    the head appended; (None, why) when that cannot be done, and the serving graph is converted instead."""
+    from pathlib import Path
+
+    from ..errors import first_line
+    from ..features.lite import converted_path, write_converted
+
+    try:
+        path = Path(backend["converted"]) if backend.get("backend") == "litert" else converted_path(cache_root, module.info)
+        if not path.is_file():
+            path, _ = write_converted(module, cache_root)
+        return append_head(path.read_bytes(), kernel, bias), MADE_FROM_MODULE
+    except Exception as error:  # noqa: BLE001 - any converter or flatbuffer problem: the serving graph is converted
+        return None, f"{MADE_BY_CONVERTER}: the module's conversion could not be used ({first_line(error)})"
+
+
+__all__ = ["MADE_BY_CONVERTER", "MADE_FROM_MODULE", "append_head", "float32_from_module"]
