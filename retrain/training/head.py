@@ -416,7 +416,7 @@ def fit_logistic_cv(train_x, train_y, n_classes: int, config: TrainConfig,
 
     # One BLAS / OpenMP thread: these problems are small, and with more threads the solver's
     # many small products spend their time handing work between threads (measured: 3-4x slower
-    # on 2 cores). The other core is left to the test images' decoding, which runs meanwhile.
+    # on 2 cores). The cores are used by fitting the folds side by side instead (_fit_logistic_cv).
     with threadpool_limits(limits=1):
         return _fit_logistic_cv(train_x, train_y, n_classes, config, class_weights, groups)
 
