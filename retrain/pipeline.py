@@ -95,7 +95,8 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
         path, audit = checked
         digest = fingerprint(path)
         # The images to compute are decoded on the idle core while the module loads (features/ahead.py).
-        looked_up, ahead = (None, None) if replicas is not None else decode_ahead(split.train + split.validation + split.test, config, audit, digest)
+        everything = split.train + split.validation + split.test
+        looked_up, ahead = (None, None) if replicas is not None else decode_ahead(everything, config, audit, digest)
         try:
             loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
                                  records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops,
