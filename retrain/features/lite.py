@@ -55,14 +55,11 @@ def converted_path(cache_root: str | os.PathLike, info) -> Path:
 
 def convert_module(module) -> bytes:
     """The module's ``pixel_features`` (uint8 [n, H, W, 3] -> float32 [n, dim]) as a float32 TFLite flatbuffer."""
+    from .._converter import from_concrete_function
     from .._tf import quiet_stderr
-    from .._tf import tf as _tf
 
-    tf = _tf()
-    concrete = module.pixel_features.get_concrete_function()
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module.obj)
     # Frozen and converted directly, as the serving model's files are (serving/tflite.py).
-    converter.experimental_lower_to_saved_model = False
+    converter = from_concrete_function(module.pixel_features.get_concrete_function(), module.obj)
     with quiet_stderr():  # the converter logs its passes from C++
         return converter.convert()
 

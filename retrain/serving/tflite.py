@@ -212,9 +212,9 @@ def tflite_converter(source):
     tf = _tf()
     if isinstance(source, (str, Path)):
         return tf.lite.TFLiteConverter.from_saved_model(str(source), signature_keys=[SIGNATURE_FIXED])
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([source.functions.serve_fixed.get_concrete_function()], source)
-    converter.experimental_lower_to_saved_model = False
-    return converter
+    from .._converter import from_concrete_function
+
+    return from_concrete_function(source.functions.serve_fixed.get_concrete_function(), source)
 
 
 def _reset(converter) -> None:
