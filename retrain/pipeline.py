@@ -36,7 +36,8 @@ from .safety import MODEL, check_apart, check_cache_folder, check_output_folder,
 from .serving.checks import (TestSet, batched, representative_images, test_pixels, tflite_figures, tflite_latency,
                              tflite_metadata, tflite_warnings, write_tflite_files)
 from .serving.compose import MADE_BY_CONVERTER, float32_from_module
-from .serving.tflite import LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format
+from .serving.tflite import (LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format,
+                             traced_serving_model)
 from .training.finetune import fine_tune, trainable_module_variables
 from .training.head import (Head, balanced_class_weights, choose_solver, class_counts, fit_head, import_solver_ahead,
                             should_stream)
@@ -54,6 +55,7 @@ class Prepared:
     replicas: object = None  # distribute.Replicas on several devices; None on one (no strategy)
     looked_up: object = None  # bottlenecks.LookedUp: the cache's part of the images, looked up while the module loaded
     ahead: object = None  # ahead.DecodedAhead: the images to compute, decoding while the module loaded
+    backend: ExtractionBackend | None = None  # on one device: its LiteRT conversion started beside the module's probe
 
 
 def output_target(output: str | os.PathLike) -> Path:
@@ -97,11 +99,17 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
         # The images to compute are decoded on the idle core while the module loads (features/ahead.py).
         everything = split.train + split.validation + split.test
         looked_up, ahead = (None, None) if replicas is not None else decode_ahead(everything, config, audit, digest)
+        backends = []
+
+        def convert_ahead(traced):  # the conversion for LiteRT, when it will be wanted, beside the probe
+            backends.append(ExtractionBackend(traced, config.resolved_cache_dir, config.extract_backend))
+            backends[0].convert_ahead(len(looked_up.todo))
+
         try:
             loaded = load_module(module, config.image_size, config.allow_unversioned, config.trust_hosts,
                                  records_dir=config.resolved_cache_dir, allowed_ops=config.allowed_module_ops,
                                  slim_dir=None if config.fine_tune else config.resolved_cache_dir,
-                                 checked=(path, audit, digest))
+                                 checked=(path, audit, digest), on_traced=None if ahead is None else convert_ahead)
             check_apart({"output folder": output, "cache folder": config.resolved_cache_dir},
                         {"module folder": loaded.info.path})  # a URL's folder in the TF Hub cache
             if config.fine_tune:
@@ -114,7 +122,7 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
             raise
     spec = loaded.info.input_spec
     return Prepared(config, output, split, loaded, config.batch_for_images(spec.height, spec.width), replicas,
-                    looked_up, ahead)
+                    looked_up, ahead, backends[0] if backends else None)
 
 
 def device_record(prep: Prepared) -> dict:
@@ -195,7 +203,7 @@ def compute_features(prep: Prepared, watch: Stopwatch) -> Features:
         everything = split.train + split.validation + split.test
         extractor, batch = loaded, prep.batch
         if prep.replicas is None:
-            backend = ExtractionBackend(loaded, cache_root, config.extract_backend)  # TensorFlow or LiteRT
+            backend = prep.backend or ExtractionBackend(loaded, cache_root, config.extract_backend)  # TensorFlow or LiteRT
         else:  # TensorFlow on every replica (distribute.py), each batch scaled by their number
             extractor, batch = prep.replicas.extractor, batch * prep.replicas.count
             backend = prep.replicas.backend(config.extract_backend)
@@ -361,13 +369,24 @@ def _test_reference(prep: Prepared, features: Features, tuned: Tuned, serving, d
     return test
 
 
+def write_labels(folder: Path, classes: list[str]) -> Path:
+    path = folder / LABELS_FILE
+    path.write_text("\n".join(classes) + "\n", encoding="utf-8")
+    return path
+
+
 def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tuned, decoded: Future,
-                 metrics: dict, folder: Path) -> dict:
-    """Write the model files into ``folder`` (the staging folder); returns the artifacts' final paths."""
+                 metrics: dict, folder: Path, traced: Future | None = None) -> dict:
+    """Write the model files into ``folder`` (the staging folder); returns the artifacts' final paths. ``traced``: the serving model built and traced while the head
+    trained (``traced_serving_model``), for a module whose weights did not change."""
     config, split, output = prep.config, prep.split, prep.output
-    labels_path = folder / LABELS_FILE
-    labels_path.write_text("\n".join(split.classes) + "\n", encoding="utf-8")
-    serving = build_serving_model(prep.module, tuned.kernel, tuned.bias, str(labels_path))
+    labels_path = str(write_labels(folder, split.classes))
+    if traced is not None and not tuned.weights_changed:
+        serving = traced.result()
+        serving.set_head(tuned.kernel, tuned.bias)
+        serving.attach_labels(labels_path)
+    else:
+        serving = build_serving_model(prep.module, tuned.kernel, tuned.bias, labels_path)
     test = _test_reference(prep, features, tuned, serving, decoded, metrics)
     check_min_accuracy(config.min_accuracy, metrics.get("test"), output)
     formats = ["float32"] + [f for f in config.quantize if f != "float32"]
@@ -416,17 +435,21 @@ def train(image_dir: str | os.PathLike, module: str, output: str | os.PathLike, 
     config = replace(config, **options) if config is not None else TrainConfig.from_options(**options)
     watch = Stopwatch()
     prep = prepare(image_dir, module, output, config, overwrite, watch)
+    # On a thread of its own: (frozen module) the serving model built and traced with a head to come,
+    # while the bottlenecks are computed (LiteRT and the decoding let go of the GIL; beside the head's
+    # solver, which holds it between its products, it made the head twice as slow); then the test
+    # images decoded for the export checks, while the head trains.
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-ahead")
+    traced = None if config.fine_tune else ahead.submit(traced_serving_model, prep.module, prep.split.classes)
     features = compute_features(prep, watch)
-    # The test images are decoded for the export checks while the head trains, on the core it leaves idle.
-    decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-pixels")
-    decoded = decoder.submit(test_pixels, prep.split.test, prep.module.info.input_spec, prep.batch)
-    decoder.shutdown(wait=False)
+    decoded = ahead.submit(test_pixels, prep.split.test, prep.module.info.input_spec, prep.batch)
+    ahead.shutdown(wait=False)
     stage = train_head_stage(prep, features, watch)
     metrics = dict(stage.metrics)
     tuned = fine_tune_stage(prep, stage, metrics, watch)
     with staged_output(output_target(prep.output), MODEL) as folder:
         with watch("export"):
-            artifacts = export_model(prep, features, stage, tuned, decoded, metrics, folder)
+            artifacts = export_model(prep, features, stage, tuned, decoded, metrics, folder, traced)
         artifacts.update(run=str(prep.output / RUN_FILE), model_card=str(prep.output / MODEL_CARD_FILE),
                          metrics=str(prep.output / METRICS_FILE))
         split = prep.split

@@ -210,3 +210,47 @@ def test_the_saved_model_holds_its_three_signatures_and_no_function_twice(tiny_m
     assert set(meta_graph.signature_def) - {"__saved_model_init_op"} == {"serving_default", "serving_fixed", "serving_bytes"}
     root = meta_graph.object_graph_def.nodes[0]
     assert not {c.local_name for c in root.children} & {"serve", "serve_fixed", "serve_bytes"}
+
+
+def test_the_serving_model_traced_ahead_saves_what_one_built_with_its_head_does(tiny_module, tmp_path):
+    """Built and traced with a head of zeros while the head trains, then given the head: the same
+    saved variables, signatures and probabilities as the model built with the head."""
+    import tensorflow as tf
+
+    from retrain.errors import ModelError
+    from retrain.features.audit import read_saved_model
+    from retrain.features.module import load_module
+    from retrain.serving.tflite import build_serving_model, save_serving_model, traced_serving_model
+
+    module = load_module(tiny_module)
+    rng = np.random.default_rng(1)
+    kernel = rng.normal(size=(module.info.feature_dim, 3)).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    ahead = traced_serving_model(module, ["a", "b", "c"])
+    assert all(f.experimental_get_tracing_count() == 1 for f in vars(ahead.functions).values())
+    with pytest.raises(ModelError, match="a head of shape \\(3, 3\\)"):
+        ahead.set_head(kernel[:3], bias)
+    ahead.set_head(kernel, bias)
+    with pytest.raises(ModelError, match="no labels file attached"):
+        save_serving_model(ahead, tmp_path / "unlabelled")
+    (tmp_path / "other.txt").write_text("a\nc\nb\n")
+    with pytest.raises(ModelError, match="does not list the serving model's classes"):
+        ahead.attach_labels(str(tmp_path / "other.txt"))
+    ahead.attach_labels(str(tmp_path / "labels.txt"))
+    save_serving_model(ahead, tmp_path / "ahead")
+    assert all(f.experimental_get_tracing_count() == 1 for f in vars(ahead.functions).values())  # not traced again
+    save_serving_model(build_serving_model(module, kernel, bias, str(tmp_path / "labels.txt")), tmp_path / "direct")
+    a, b = (tf.train.load_checkpoint(str(tmp_path / name / "variables" / "variables")) for name in ("ahead", "direct"))
+    assert a.get_variable_to_shape_map() == b.get_variable_to_shape_map()
+    for key in a.get_variable_to_shape_map():
+        if key.endswith("VARIABLE_VALUE"):
+            np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key))
+    assert (tmp_path / "ahead" / "assets" / "labels.txt").read_text() == "a\nb\nc\n"
+    proto_a, proto_b = (read_saved_model(tmp_path / name) for name in ("ahead", "direct"))
+    assert proto_a.meta_graphs[0].signature_def == proto_b.meta_graphs[0].signature_def
+    pixels = tf.constant(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    loaded_a, loaded_b = (tf.saved_model.load(str(tmp_path / name)) for name in ("ahead", "direct"))
+    got = loaded_a.signatures["serving_fixed"](images=pixels)["probabilities"].numpy()
+    np.testing.assert_array_equal(got, loaded_b.signatures["serving_fixed"](images=pixels)["probabilities"].numpy())
+    assert np.abs(got - tf.nn.softmax(module.pixel_features(pixels) @ kernel + bias).numpy()).max() < 1e-5

@@ -127,6 +127,41 @@ def test_vectors_outside_the_tolerance_are_never_kept(module, colour_dir, tmp_pa
         _extract(module, images, tmp_path / "forced", forced)
 
 
+def test_a_conversion_started_ahead_is_the_one_used_and_its_failure_is_reported(module, colour_dir, tmp_path,
+                                                                                 monkeypatch):
+    import threading
+
+    images = _images(colour_dir)
+    calls, original = [], lite.convert_module
+
+    def counted(m):
+        calls.append(threading.current_thread().name)
+        return original(m)
+
+    monkeypatch.setattr(lite, "convert_module", counted)
+    few = lite.ExtractionBackend(module, tmp_path / "cache", "auto")  # 30 images: converting would not pay
+    assert not few.convert_ahead(len(images)) and calls == []
+    backend = lite.ExtractionBackend(module, tmp_path / "cache", "auto", min_images=30)
+    assert backend.convert_ahead(len(images))
+    _extract(module, images, tmp_path / "cache", backend)
+    assert backend.record["backend"] == "litert" and backend.record["reason"].startswith("at least 30 images")
+    assert backend.record["conversion_seconds"] > 0 and len(calls) == 1 and calls[0].startswith("convert-ahead")
+    cached = lite.ExtractionBackend(module, tmp_path / "cache", "auto", min_images=30)
+    assert not cached.convert_ahead(len(images))  # the file is there: nothing to start
+
+    def broken(m):
+        raise RuntimeError("converter crashed\nsecond line")
+
+    monkeypatch.setattr(lite, "convert_module", broken)
+    failing = lite.ExtractionBackend(module, tmp_path / "other", "auto", min_images=30)
+    assert failing.convert_ahead(len(images))
+    computed = _extract(module, images, tmp_path / "other", failing)
+    (warning,) = failing.warnings
+    assert warning == ("LiteRT could not convert the module (converter crashed): "
+                       "TensorFlow computed the bottlenecks instead")
+    assert failing.record["backend"] == "tensorflow" and len(computed.vectors) == len(images)
+
+
 def test_a_damaged_or_stale_cached_file_is_converted_again(module, colour_dir, tmp_path, other_flatbuffer):
     images = _images(colour_dir)
     path = lite.converted_path(tmp_path, module.info)

@@ -159,7 +159,12 @@ class ExtractionBackend:
     ``requested``: "tensorflow", "litert", or "auto": LiteRT when TensorFlow has no GPU and the
     converted module is cached, or at least ``min_images`` images are to be computed (converting
     then pays). LiteRT is used only after the probe check (module docstring). ``record`` says
-    which backend made the vectors and why; ``warnings`` what the run must tell the user."""
+    which backend made the vectors and why; ``warnings`` what the run must tell the user.
+
+    ``convert_ahead(count)`` starts the conversion on a thread of its own before the images are
+    known to extraction (``train`` calls it while the module's probe runs, with the number of
+    images the cache lacks); the call then takes that conversion, and reports its failures as
+    its own."""
 
     def __init__(self, module, cache_root: str | os.PathLike, requested: str = "auto", *,
                  num_threads: int | None = None, invoke_batch: int = INVOKE_BATCH, min_images: int = AUTO_MIN_IMAGES):
@@ -169,19 +174,38 @@ class ExtractionBackend:
         self.num_threads, self.invoke_batch, self.min_images = num_threads or cpu_cores(), invoke_batch, min_images
         self.record: dict = {"backend": None, "requested": requested, "reason": "no image to compute"}
         self.warnings: list[str] = []
+        self._ahead = None  # a Future of write_converted's (path, seconds)
+
+    def convert_ahead(self, count: int) -> bool:
+        """Start converting the module now, on a thread, when a call for ``count`` images would
+        convert it (LiteRT chosen, no converted file cached); returns whether it started.
+        Measured on the cold default run (README, "Fixed costs"): the conversion's Python and the
+        probe's TensorFlow run side by side, and extraction no longer waits for the conversion."""
+        if self._ahead is not None or self._why_tensorflow(count) is not None:
+            return False
+        if converted_path(self.cache_root, self.module.info).is_file():
+            return False
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-ahead")
+        self._ahead = pool.submit(write_converted, self.module, self.cache_root)
+        pool.shutdown(wait=False)
+        return True
 
     def __call__(self, todo):
         reason = self._why_tensorflow(len(todo))
         if reason is not None:
             return self._tensorflow(reason)
         path = converted_path(self.cache_root, self.module.info)
-        was_cached, problem, mismatch = path.is_file(), None, None
+        ahead, self._ahead = self._ahead, None
+        was_cached, problem, mismatch = ahead is None and path.is_file(), None, None
         # A cached file that fails to load or to agree is converted again once (a damaged or stale file).
         for fresh in ((False, True) if was_cached else (True,)):
             seconds, stage = None, "convert"
             try:
                 if fresh:
-                    path, seconds = write_converted(self.module, self.cache_root)
+                    path, seconds = ahead.result() if ahead is not None else write_converted(self.module, self.cache_root)
+                    ahead = None
                 stage = "load"
                 forward = self._forward(path)
                 pixels = probe_pixels(todo, self.module.info.input_spec)

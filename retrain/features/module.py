@@ -276,7 +276,7 @@ def check_module(handle: str, allow_unversioned: bool = False, trust_hosts: tupl
 def load_module(handle: str, image_size: int | None = None, allow_unversioned: bool = False,
                 trust_hosts: tuple[str, ...] = (), records_dir: str | os.PathLike | None = None,
                 allowed_ops=(), slim_dir: str | os.PathLike | None = None,
-                checked: tuple[Path, AuditResult] | None = None) -> LoadedModule:
+                checked: tuple[Path, AuditResult] | None = None, on_traced=None) -> LoadedModule:
     """Resolve, audit, load and check a feature-vector module.
 
     No function of the module runs before its ops are audited (``check_module``); ``allowed_ops``
@@ -290,6 +290,10 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
     ``checked``: what ``check_module`` returned for this handle and ``allowed_ops`` earlier in the
     same run (``train`` checks before scanning the images), so it is not resolved and audited twice;
     with the module's ``fingerprint`` as a third item when that was computed too.
+
+    ``on_traced``: called with the LoadedModule once it is set up and before the probe runs it
+    (``train`` starts the module's LiteRT conversion there, beside the probe: features/lite.py);
+    its ``info.feature_dim`` is filled in by the probe.
     """
     handle = str(handle)
     path, audit, *known = checked or check_module(handle, allow_unversioned, trust_hosts, allowed_ops)
@@ -303,9 +307,9 @@ def load_module(handle: str, image_size: int | None = None, allow_unversioned: b
 
         copy, folder = load_slim_copy(slim_dir, handle, path, digest, allowed_ops)
         if copy is not None:
-            return _described(handle, path, digest, image_size, audit, copy, "slim", str(folder))
-        return _load_full(handle, path, digest, image_size, audit, partial=True)
-    return _load_full(handle, path, digest, image_size, audit)
+            return _described(handle, path, digest, image_size, audit, copy, "slim", str(folder), on_traced)
+        return _load_full(handle, path, digest, image_size, audit, partial=True, on_traced=on_traced)
+    return _load_full(handle, path, digest, image_size, audit, on_traced=on_traced)
 
 
 class PartialModule:
@@ -350,7 +354,7 @@ def _load_partial(path: Path, children: tuple[str, ...]):
 
 
 def _load_full(handle: str, path: Path, digest: str, image_size: int | None, audit: AuditResult,
-               partial: bool = False) -> LoadedModule:
+               partial: bool = False, on_traced=None) -> LoadedModule:
     """The module itself; ``partial``: only what extraction and export call (``_load_partial``)."""
     tf = _tf()
     try:
@@ -364,11 +368,11 @@ def _load_full(handle: str, path: Path, digest: str, image_size: int | None, aud
             raise damaged_cache_entry(handle, path, f"it cannot be loaded: {first}") from None
         raise ModuleError(f"module {handle} cannot be loaded as a SavedModel: {first}") from None
     return _described(handle, path, digest, image_size, audit, obj,
-                      "partial" if isinstance(obj, PartialModule) else "full")
+                      "partial" if isinstance(obj, PartialModule) else "full", on_traced=on_traced)
 
 
 def _described(handle: str, path: Path, digest: str, image_size: int | None, audit: AuditResult, obj,
-               loaded: str, slim_copy: str | None = None) -> LoadedModule:
+               loaded: str, slim_copy: str | None = None, on_traced=None) -> LoadedModule:
     """A loaded module object, its call traced once and probed (its input size, its vector size)."""
     tf = _tf()
     call, spec = _call_and_spec(obj)
@@ -380,6 +384,8 @@ def _described(handle: str, path: Path, digest: str, image_size: int | None, aud
                       trainable_variables=len(getattr(obj, "trainable_variables", []) or []), audit=audit.to_dict(),
                       slim_copy=slim_copy, loaded=loaded)
     module = LoadedModule(info, obj, traced)
+    if on_traced is not None:
+        on_traced(module)
     module.info = replace(info, feature_dim=probe_features(module))
     return module
 

@@ -42,6 +42,13 @@ LABELS_FILE = "labels.txt"
 def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_path: str):
     """A ``tf.Module`` (not a Keras model: TFLite conversion of Keras 3 models wrapping a
     SavedModel gave wrong outputs) with the three serving functions (see the module doc)."""
+    serving = _serving_model(module, kernel, bias, read_labels(labels_path))
+    serving.attach_labels(labels_path)
+    return serving
+
+
+def _serving_model(module, kernel: np.ndarray, bias: np.ndarray, classes: list[str]):
+    """The serving model without its labels file (``attach_labels`` adds it, before the save)."""
     tf = _tf()
     spec = module.info.input_spec
 
@@ -50,8 +57,8 @@ def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_pat
             super().__init__(name="retrain_classifier")
             self.head_kernel = tf.Variable(kernel, trainable=False, name="head_kernel")
             self.head_bias = tf.Variable(bias, trainable=False, name="head_bias")
-            self.labels = tf.saved_model.Asset(labels_path)
-            self.class_names = tf.constant(read_labels(labels_path))
+            self.classes = list(classes)
+            self.class_names = tf.constant(self.classes)
             # The functions are the SavedModel's signatures, and only that: held in a plain
             # namespace, which the SavedModel writer does not walk. As attributes it would save
             # each a second time, traced again under its save context (1-1.5 s of every export).
@@ -87,7 +94,36 @@ def build_serving_model(module, kernel: np.ndarray, bias: np.ndarray, labels_pat
             top = tf.math.top_k(probabilities, k=min(TOP_CLASSES, len(kernel[0])))
             return {OUTPUT_KEY: probabilities, "classes": tf.gather(self.class_names, top.indices), "scores": top.values}
 
+        def set_head(self, kernel: np.ndarray, bias: np.ndarray) -> None:
+            """The trained head, into the head variables (their shapes are the model's)."""
+            for variable, value in ((self.head_kernel, kernel), (self.head_bias, bias)):
+                if tuple(np.shape(value)) != tuple(variable.shape):
+                    raise ModelError(f"a head of shape {np.shape(value)} for the serving model's {variable.shape}")
+                variable.assign(np.asarray(value, np.float32))
+
+        def attach_labels(self, path: str) -> None:
+            """The labels file the SavedModel holds as an asset: the classes the model was built with."""
+            if read_labels(path) != self.classes:
+                raise ModelError(f"labels file {path} does not list the serving model's classes")
+            self.labels = tf.saved_model.Asset(path)
+
+        def trace(self) -> "ServingModel":
+            """Trace the three functions now (saving would), so that the save no longer waits for it."""
+            for function in vars(self.functions).values():
+                function.get_concrete_function()
+            return self
+
     return ServingModel()
+
+
+def traced_serving_model(module, classes: list[str]):
+    """The serving model of ``module`` with a head of zeros and its functions traced, built while
+    the bottlenecks are computed (``train``): once the head is trained, ``set_head`` puts it in and
+    ``attach_labels`` adds the labels file, and the model is what ``build_serving_model`` with that
+    head gives, its saved files the same. Measured on MobileNetV2 0.35, alone: 0.1-0.3 s to build
+    and 0.9 s to trace, taken off the export."""
+    zeros = np.zeros((module.info.feature_dim, len(classes)), np.float32), np.zeros(len(classes), np.float32)
+    return _serving_model(module, *zeros, classes).trace()
 
 
 def read_labels(path) -> list[str]:
@@ -105,6 +141,8 @@ def save_serving_model(serving, directory: str | Path) -> None:
     second a full load does)."""
     tf = _tf()
     directory = Path(directory)
+    if getattr(serving, "labels", None) is None:
+        raise ModelError("the serving model has no labels file attached (attach_labels)")
     tf.saved_model.save(
         serving,
         str(directory),
