@@ -42,7 +42,9 @@ INVOKE_BATCH = 4
 # Conversion is paid once per module: 0.8-1.7 s for MobileNetV2 0.35 on a busy 2-core machine. Cold
 # cache, conversion included, medians of 3 alternated rounds (CPU seconds, wall seconds): 250 images
 # TensorFlow 1.50 / 2.23 against LiteRT 1.82 / 2.55; 500: 2.99 / 4.17 against 2.71 / 3.46; 1,000:
-# 6.00 / 7.29 against 4.18 / 5.27. The break-even is near 400 images.
+# 6.00 / 7.29 against 4.18 / 5.27. The break-even is near 400 images. (Measured before conversion
+# froze the module without rebuilding a function, retrain/_converter.py: 0.6-0.8 s alone since,
+# so the break-even is lower now; not measured again.)
 AUTO_MIN_IMAGES = 500
 
 
