@@ -377,8 +377,9 @@ def write_labels(folder: Path, classes: list[str]) -> Path:
 
 def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tuned, decoded: Future,
                  metrics: dict, folder: Path, traced: Future | None = None) -> dict:
-    """Write the model files into ``folder`` (the staging folder); returns the artifacts' final paths. ``traced``: the serving model built and traced while the head
-    trained (``traced_serving_model``), for a module whose weights did not change."""
+    """Write the model files into ``folder`` (the staging folder); returns the artifacts' final
+    paths. ``traced``: the serving model built and traced while the bottlenecks were computed
+    (``traced_serving_model``), used when the module's weights did not change."""
     config, split, output = prep.config, prep.split, prep.output
     labels_path = str(write_labels(folder, split.classes))
     if traced is not None and not tuned.weights_changed:
