@@ -33,8 +33,8 @@ from .features.module import LoadedModule, check_module, fingerprint, load_modul
 from .files import staged_output
 from .records import MODEL_CARD_FILE, METRICS_FILE, RUN_FILE, SAVED_MODEL_DIR, Stopwatch, TrainResult, write_records
 from .safety import MODEL, check_apart, check_cache_folder, check_output_folder, ensure_cache
-from .serving.checks import (TestSet, batched, representative_images, test_pixels, tflite_figures, tflite_latency,
-                             tflite_metadata, tflite_warnings, write_tflite_files)
+from .serving.checks import (TestSet, batched, check_tflite_files, representative_images, test_pixels, tflite_metadata,
+                             write_tflite_files)
 from .serving.compose import MADE_BY_CONVERTER, float32_from_module
 from .serving.tflite import (LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format,
                              traced_serving_model)
@@ -399,22 +399,13 @@ def export_model(prep: Prepared, features: Features, stage: HeadStage, tuned: Tu
         prep.module, Path(features.cache["dir"]).parent, features.cache.get("backend") or {}, tuned.kernel, tuned.bias)
     paths = write_tflite_files(serving, folder, formats, split.classes, representative,
                                tflite_metadata(prep.module.info, split.classes, tuned.weights_changed), float32)
-    # The files run on the test split on a thread of their own (LiteRT lets go of the GIL) while
-    # the SavedModel is saved, which is Python; their latency is timed after, on a quiet core.
-    checking = None
-    if test.pixels is not None:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tflite-checks")
-        checking = pool.submit(lambda: {name: tflite_figures(path, test.reference, test.pixels, test.labels)
-                                        for name, path in paths.items()})
-        pool.shutdown(wait=False)
-    save_serving_model(serving, folder / SAVED_MODEL_DIR)
-    figures = checking.result() if checking is not None else {}
-    for name, row in figures.items():
-        row.update(tflite_latency(paths[name], test.pixels))
+    # The files are checked on the test split while the SavedModel is saved.
+    figures, warnings = check_tflite_files(paths, test, config.max_accuracy_drop,
+                                           beside=lambda: save_serving_model(serving, folder / SAVED_MODEL_DIR))
     if "float32" in figures:
         figures["float32"]["made"] = made
     metrics["tflite"] = figures
-    split.warnings.extend(tflite_warnings(figures, config.max_accuracy_drop))
+    split.warnings.extend(warnings)
     artifacts = {"saved_model": str(output / SAVED_MODEL_DIR), "labels": str(output / LABELS_FILE)}
     if stage.label_errors:
         write_label_error_page(stage.label_errors, folder, split.classes)

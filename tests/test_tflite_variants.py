@@ -132,9 +132,9 @@ def test_model_card_lists_module_metrics_and_its_snippets_run(all_formats, tiny_
 
 
 def test_lossy_variant_is_reported_loudly(tiny_module, colour_dir, tmp_path, monkeypatch):
-    import retrain.pipeline
+    from retrain.serving import checks
 
-    real_check = retrain.pipeline.tflite_figures
+    real_check = checks.tflite_figures
 
     def pessimistic(path, reference, pixels, labels):
         figures = real_check(path, reference, pixels, labels)
@@ -142,7 +142,7 @@ def test_lossy_variant_is_reported_loudly(tiny_module, colour_dir, tmp_path, mon
             figures["accuracy"] -= 0.5
         return figures
 
-    monkeypatch.setattr(retrain.pipeline, "tflite_figures", pessimistic)
+    monkeypatch.setattr(checks, "tflite_figures", pessimistic)
     result = CliRunner().invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(tmp_path / "o"),
                                        "--cache-dir", str(tmp_path / "c"), "--json", "--epochs", "40", "--learning-rate", "0.05"])
     assert result.exit_code == 0, result.output

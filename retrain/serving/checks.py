@@ -45,15 +45,9 @@ def representative_images(images, spec, count: int, seed: int, batch_size: int):
 LATENCY_IMAGES = 50  # single-image invokes timed per TFLite file
 
 
-def check_tflite(tflite_path: Path, reference_probabilities: np.ndarray, pixels: np.ndarray, labels: np.ndarray) -> dict:
-    """Run a TFLite file on the test pixels: accuracy, top-1 agreement with the reference (the
-    trained model's probabilities on the same pixels), size, and mean latency of single-image
-    invokes on one CPU thread (as on a phone's one core)."""
-    return {**tflite_figures(tflite_path, reference_probabilities, pixels, labels), **tflite_latency(tflite_path, pixels)}
-
-
 def tflite_figures(tflite_path: Path, reference_probabilities: np.ndarray, pixels: np.ndarray, labels: np.ndarray) -> dict:
-    """``check_tflite`` but the latency: what the file computes on the test pixels."""
+    """What a TFLite file computes on the test pixels: accuracy, top-1 agreement with the
+    reference (the trained model's probabilities on the same pixels), size."""
     probabilities = TFLiteRunner(tflite_path).predict(pixels)
     predicted = probabilities.argmax(axis=1)
     return {
@@ -68,7 +62,8 @@ def tflite_figures(tflite_path: Path, reference_probabilities: np.ndarray, pixel
 
 
 def tflite_latency(tflite_path: Path, pixels: np.ndarray) -> dict:
-    """Mean time of single-image invokes on one thread, over up to ``LATENCY_IMAGES`` test images."""
+    """Mean time of single-image invokes on one thread (as on a phone's one core), over up to
+    ``LATENCY_IMAGES`` test images."""
     single = TFLiteRunner(tflite_path, num_threads=1)
     sample = pixels[:LATENCY_IMAGES]
     single.predict(sample[:1])  # warm-up: delegate preparation and first allocation
@@ -116,9 +111,32 @@ def write_tflite_variants(source, directory: Path, formats, classes, representat
     Quantized variants are compared with float32's accuracy: the one written now, else
     ``float32_accuracy`` (from an earlier export)."""
     paths = write_tflite_files(source, directory, formats, classes, representative, metadata)
-    figures = {name: check_tflite(path, test.reference, test.pixels, test.labels)
-               for name, path in paths.items()} if test.pixels is not None else {}
-    return paths, figures, tflite_warnings(figures, max_accuracy_drop, float32_accuracy)
+    return (paths, *check_tflite_files(paths, test, max_accuracy_drop, float32_accuracy))
+
+
+def check_tflite_files(paths: dict, test: TestSet, max_accuracy_drop: float, float32_accuracy: float | None = None,
+                       beside=None) -> tuple[dict, list[str]]:
+    """Each file ({format: path}) on the test split (``tflite_figures``), then its latency
+    (``tflite_latency``); returns (figures, warnings), see ``tflite_warnings``. No figures without
+    test pixels.
+
+    The files run on a thread of their own (LiteRT lets go of the GIL) while ``beside()`` runs, when
+    given (``train`` saves the SavedModel there, which is Python); their latency is timed after,
+    on a quiet core."""
+    checking = None
+    if test.pixels is not None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tflite-checks")
+        checking = pool.submit(lambda: {name: tflite_figures(path, test.reference, test.pixels, test.labels)
+                                        for name, path in paths.items()})
+        pool.shutdown(wait=False)
+    if beside is not None:
+        beside()
+    figures = checking.result() if checking is not None else {}
+    for name, row in figures.items():
+        row.update(tflite_latency(paths[name], test.pixels))
+    return figures, tflite_warnings(figures, max_accuracy_drop, float32_accuracy)
 
 
 def write_tflite_files(source, directory: Path, formats, classes, representative, metadata: dict,
