@@ -249,6 +249,9 @@ def test_the_serving_model_traced_ahead_saves_what_one_built_with_its_head_does(
     assert (tmp_path / "ahead" / "assets" / "labels.txt").read_text() == "a\nb\nc\n"
     proto_a, proto_b = (read_saved_model(tmp_path / name) for name in ("ahead", "direct"))
     assert proto_a.meta_graphs[0].signature_def == proto_b.meta_graphs[0].signature_def
+    children = [[c.local_name for c in p.meta_graphs[0].object_graph_def.nodes[0].children] for p in (proto_a, proto_b)]
+    assert children[0] == children[1]  # the same objects saved, nothing tracked beside them
+    assert sorted(children[0]) == ["head_bias", "head_kernel", "labels", "module_variables", "signatures"]
     pixels = tf.constant(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
     loaded_a, loaded_b = (tf.saved_model.load(str(tmp_path / name)) for name in ("ahead", "direct"))
     got = loaded_a.signatures["serving_fixed"](images=pixels)["probabilities"].numpy()

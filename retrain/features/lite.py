@@ -207,7 +207,6 @@ class ExtractionBackend:
             try:
                 if fresh:
                     path, seconds = ahead.result() if ahead is not None else write_converted(self.module, self.cache_root)
-                    ahead = None
                 stage = "load"
                 forward = self._forward(path)
                 pixels = probe_pixels(todo, self.module.info.input_spec)
