@@ -113,7 +113,8 @@ def main():
 @click.option("--extract-backend", type=click.Choice(EXTRACT_BACKENDS), default=DEFAULTS.extract_backend, show_default=True,
               help="What computes bottlenecks: 'litert' (LiteRT's XNNPACK kernels, faster on a CPU; the module is "
                    "converted once and cached), 'tensorflow', or 'auto': LiteRT on a CPU when the converted module is "
-                   f"cached or {AUTO_MIN_IMAGES:,} or more images are to be computed. LiteRT's vectors are checked "
+                   "cached, or train converts it anyway for its TFLite file (no --fine-tune), or "
+                   f"{AUTO_MIN_IMAGES:,} or more images are to be computed. LiteRT's vectors are checked "
                    "against TensorFlow's on a probe batch first.")
 @click.option("--devices", type=int, default=DEFAULTS.devices, show_default="every GPU when two or more are visible, else one",
               help="Devices to extract and fine-tune on, under tf.distribute.MirroredStrategy, each batch split "

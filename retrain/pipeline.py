@@ -102,7 +102,8 @@ def prepare(image_dir, module: str, output, config: TrainConfig, overwrite: bool
         backends = []
 
         def convert_ahead(traced):  # the conversion for LiteRT, when it will be wanted, beside the probe
-            backends.append(ExtractionBackend(traced, config.resolved_cache_dir, config.extract_backend))
+            backends.append(ExtractionBackend(traced, config.resolved_cache_dir, config.extract_backend,
+                                              converted_anyway=not config.fine_tune))
             backends[0].convert_ahead(len(looked_up.todo))
 
         try:
@@ -203,7 +204,9 @@ def compute_features(prep: Prepared, watch: Stopwatch) -> Features:
         everything = split.train + split.validation + split.test
         extractor, batch = loaded, prep.batch
         if prep.replicas is None:
-            backend = prep.backend or ExtractionBackend(loaded, cache_root, config.extract_backend)  # TensorFlow or LiteRT
+            # TensorFlow or LiteRT; without fine-tuning the export converts the module anyway (its float32 file)
+            backend = prep.backend or ExtractionBackend(loaded, cache_root, config.extract_backend,
+                                                        converted_anyway=not config.fine_tune)
         else:  # TensorFlow on every replica (distribute.py), each batch scaled by their number
             extractor, batch = prep.replicas.extractor, batch * prep.replicas.count
             backend = prep.replicas.backend(config.extract_backend)

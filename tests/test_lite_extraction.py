@@ -101,6 +101,26 @@ def test_auto_converts_only_when_it_pays(module, colour_dir, tmp_path):
     assert lite.converted_path(tmp_path, module.info).is_file()
 
 
+def test_auto_converts_for_any_count_when_the_run_converts_anyway(module, colour_dir, tmp_path):
+    backend = lite.ExtractionBackend(module, tmp_path, "auto", converted_anyway=True)  # 30 images, fewer than 500
+    _extract(module, _images(colour_dir), tmp_path, backend)
+    assert backend.record["backend"] == "litert" and "exports the module's LiteRT conversion" in backend.record["reason"]
+    assert lite.converted_path(tmp_path, module.info).is_file()
+
+
+def test_a_default_train_extracts_with_the_conversion_its_export_makes(tiny_module, colour_dir, tmp_path):
+    """Without --fine-tune, train's float32 file is the module's conversion: a small folder uses it for
+    extraction too. With --fine-tune the export converts the tuned graph instead, and 500 images decide."""
+    runner = CliRunner()
+    done = runner.invoke(main, ["train", str(colour_dir), "-m", tiny_module, "-o", str(tmp_path / "out"),
+                                "--cache-dir", str(tmp_path / "cache"), *FAST], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    record = json.loads(done.stdout)["cache"]["backend"]
+    assert record["backend"] == "litert" and record["requested"] == "auto" and record["probe"]["within"]
+    assert "exports the module's LiteRT conversion" in record["reason"]
+    assert list((tmp_path / "cache" / "litert").glob("*.tflite"))
+
+
 def test_auto_leaves_a_gpu_to_tensorflow(module, colour_dir, tmp_path, monkeypatch):
     from retrain._tf import tf
 

@@ -44,7 +44,11 @@ INVOKE_BATCH = 4
 # TensorFlow 1.50 / 2.23 against LiteRT 1.82 / 2.55; 500: 2.99 / 4.17 against 2.71 / 3.46; 1,000:
 # 6.00 / 7.29 against 4.18 / 5.27. The break-even is near 400 images. (Measured before conversion
 # froze the module without rebuilding a function, retrain/_converter.py: 0.6-0.8 s alone since,
-# so the break-even is lower now; not measured again.)
+# so the break-even is lower now; not measured again.) A run that exports the module's conversion
+# as its TFLite file (`train` without --fine-tune) converts it anyway, and there LiteRT paid from
+# the smallest folders: cold default train, wall seconds of 3 alternated rounds, TensorFlow against
+# LiteRT, 40 images 6.98-7.41 / 6.95-7.55, 200 images 8.04-8.36 / 7.36-7.76, 500 images 8.75-9.19 /
+# 7.89-8.17 (`converted_anyway`).
 AUTO_MIN_IMAGES = 500
 
 
@@ -159,8 +163,8 @@ class ExtractionBackend:
     images to compute, once, and it returns the forward function to use on their batches.
 
     ``requested``: "tensorflow", "litert", or "auto": LiteRT when TensorFlow has no GPU and the
-    converted module is cached, or at least ``min_images`` images are to be computed (converting
-    then pays). LiteRT is used only after the probe check (module docstring). ``record`` says
+    converted module is cached, or the run converts it anyway (``converted_anyway``: `train`, for
+    its TFLite file), or at least ``min_images`` images are to be computed (converting then pays). LiteRT is used only after the probe check (module docstring). ``record`` says
     which backend made the vectors and why; ``warnings`` what the run must tell the user.
 
     ``convert_ahead(count)`` starts the conversion on a thread of its own before the images are
@@ -169,11 +173,13 @@ class ExtractionBackend:
     its own."""
 
     def __init__(self, module, cache_root: str | os.PathLike, requested: str = "auto", *,
-                 num_threads: int | None = None, invoke_batch: int = INVOKE_BATCH, min_images: int = AUTO_MIN_IMAGES):
+                 num_threads: int | None = None, invoke_batch: int = INVOKE_BATCH, min_images: int = AUTO_MIN_IMAGES,
+                 converted_anyway: bool = False):
         if requested not in BACKENDS:
             raise ModuleError(f"extraction backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
         self.module, self.cache_root, self.requested = module, cache_root, requested
         self.num_threads, self.invoke_batch, self.min_images = num_threads or cpu_cores(), invoke_batch, min_images
+        self.converted_anyway = converted_anyway
         self.record: dict = {"backend": None, "requested": requested, "reason": "no image to compute"}
         self.warnings: list[str] = []
         self._ahead = None  # a Future of write_converted's (path, seconds)
@@ -236,7 +242,7 @@ class ExtractionBackend:
 
         if _tf().config.list_physical_devices("GPU"):
             return "TensorFlow runs the module on a GPU"
-        if converted_path(self.cache_root, self.module.info).is_file() or count >= self.min_images:
+        if self.converted_anyway or count >= self.min_images or converted_path(self.cache_root, self.module.info).is_file():
             return None
         return (f"{count} image(s) to compute, fewer than {self.min_images}: converting the module for LiteRT "
                 "would not pay")
@@ -248,6 +254,8 @@ class ExtractionBackend:
             return "the module converted for LiteRT was cached"
         if was_cached:
             return "the cached converted module failed to load or agree, and was converted again"
+        if self.converted_anyway:
+            return "the run exports the module's LiteRT conversion as its TFLite file: converted first, for extraction too"
         return f"at least {self.min_images} images to compute: the module was converted for LiteRT"
 
     def _forward(self, path: Path) -> LiteForward:
