@@ -164,8 +164,9 @@ class ExtractionBackend:
 
     ``requested``: "tensorflow", "litert", or "auto": LiteRT when TensorFlow has no GPU and the
     converted module is cached, or the run converts it anyway (``converted_anyway``: `train`, for
-    its TFLite file), or at least ``min_images`` images are to be computed (converting then pays). LiteRT is used only after the probe check (module docstring). ``record`` says
-    which backend made the vectors and why; ``warnings`` what the run must tell the user.
+    its TFLite file), or at least ``min_images`` images are to be computed (converting then pays).
+    LiteRT is used only after the probe check (module docstring). ``record`` says which backend
+    made the vectors and why; ``warnings`` what the run must tell the user.
 
     ``convert_ahead(count)`` starts the conversion on a thread of its own before the images are
     known to extraction (``train`` calls it while the module's probe runs, with the number of

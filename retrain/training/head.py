@@ -8,8 +8,7 @@ Two ways to fit it, chosen by the number of vectors (``choose_solver``):
   vectors, then refit on all of them: the linear-probe protocol for frozen features. The path over
   ``C`` stops once two Cs in a row are clearly worse than the best before them
   (``_path_has_turned``): it skips the slowest fits, and on every curve measured chose what the
-  whole grid chose. It needs no
-  validation split, converges whatever the data size (a fixed number of epochs is a number of
+  whole grid chose. It needs no validation split, converges whatever the data size (a fixed number of epochs is a number of
   optimizer steps that shrinks with the data), and gives every training image an out-of-fold
   prediction (likely label errors, cross-validated accuracy).
 - **minibatch** (larger sets): Adam on shuffled batches, dropout before the layer, L2 on its kernel
@@ -507,7 +506,7 @@ def _path_has_turned(correct: np.ndarray, log_loss: np.ndarray, patience: int = 
 
     Measured on 49 accuracy curves of the cached vectors of both data sets (5 to 900 images per
     class, 5 random subsets each): stopping so never chose another C than the whole grid; flat
-    curves (cats vs dogs) run the whole grid, flowers' from 300 per class stop after 3-6 of 8 Cs."""
+    curves (cats vs dogs) run the whole grid, flowers' from 300 per class stop after 4-6 of 8 Cs."""
     accuracy = np.round(correct.mean(axis=1), 12)
     if len(accuracy) <= patience:
         return False
