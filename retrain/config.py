@@ -56,7 +56,7 @@ class TrainConfig:
     # head: "auto" picks the cross-validated logistic regression up to head.FULL_BATCH_MAX_VECTORS
     # vectors and the minibatch solver above; epochs ... label_smoothing apply to the minibatch one
     head: str = "auto"
-    cv_folds: int = 5  # folds that choose the logistic head's C (3 above head.FEW_FOLDS_ABOVE images)
+    cv_folds: int = 5  # folds that choose the logistic head's C (3 above logistic.FEW_FOLDS_ABOVE images)
     keep_validation: bool = False  # logistic head without fine-tuning: fold validation images into training unless set
     min_accuracy: float | None = None  # fail (exit 1) when the test accuracy is below this
     epochs: int = 100

@@ -39,8 +39,8 @@ from .serving.compose import MADE_BY_CONVERTER, float32_from_module
 from .serving.tflite import (LABELS_FILE, TFLITE_FORMATS, build_serving_model, save_serving_model, tflite_format,
                              traced_serving_model)
 from .training.finetune import fine_tune, trainable_module_variables
-from .training.head import (Head, balanced_class_weights, choose_solver, class_counts, fit_head, import_solver_ahead,
-                            should_stream)
+from .training.head import Head, balanced_class_weights, choose_solver, class_counts, fit_head, should_stream
+from .training.logistic import import_solver_ahead
 
 # --- prepare: every refusal before any work -------------------------------------------------------
 

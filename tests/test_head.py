@@ -10,11 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from retrain.training import head as head_module
+from retrain.training import logistic
 from retrain.cli import main
 from retrain.config import TrainConfig
 from retrain.errors import ConfigError
 from retrain.evaluation.evaluate import wilson_interval
-from retrain.training.head import C_GRID, choose_solver, fit_head
+from retrain.training.head import choose_solver, fit_head
+from retrain.training.logistic import C_GRID
 from tiny_modules import save_pooling_module, write_colour_images, write_one_pixel_colour_images
 
 
@@ -33,8 +35,8 @@ def test_the_head_is_scikit_learn_logistic_regression_at_the_chosen_c(n_classes,
     more vectors than dimensions the head solves in float32, which bounds how close it gets."""
     from sklearn.linear_model import LogisticRegression
 
-    monkeypatch.setattr(head_module, "TOLERANCE", 1e-10)
-    monkeypatch.setattr(head_module, "MAX_ITERATIONS", 100_000)
+    monkeypatch.setattr(logistic, "TOLERANCE", 1e-10)
+    monkeypatch.setattr(logistic, "MAX_ITERATIONS", 100_000)
     x, y = blobs(per_class, n_classes, dim=dim)
     head = fit_head(x, y, None, None, n_classes, TrainConfig())
     assert head.solver == "logistic" and head.cross_validation["c"] in C_GRID
@@ -82,7 +84,7 @@ def test_the_c_path_stops_once_it_has_clearly_turned_with_the_whole_grid_s_choic
     cv = short.cross_validation
     assert cv["path_stopped"] and len(cv["grid"]) < len(C_GRID)
     assert len(cv["accuracy_per_c"]) == len(cv["log_loss_per_c"]) == len(cv["grid"])
-    monkeypatch.setattr(head_module, "_path_has_turned", lambda *scores: False)  # the whole grid
+    monkeypatch.setattr(logistic, "_path_has_turned", lambda *scores: False)  # the whole grid
     whole = fit_head(x, y, None, None, 3, TrainConfig())
     assert not whole.cross_validation["path_stopped"] and whole.cross_validation["grid"] == list(C_GRID)
     assert whole.cross_validation["accuracy_per_c"][:len(cv["grid"])] == cv["accuracy_per_c"]  # the same fits
@@ -92,7 +94,7 @@ def test_the_c_path_stops_once_it_has_clearly_turned_with_the_whole_grid_s_choic
 
 
 def test_the_path_turns_only_on_clearly_worse_cs():
-    turned = head_module._path_has_turned
+    turned = logistic._path_has_turned
     n = 200
     best = np.ones(n, bool)
     best[:40] = False  # 0.8
@@ -117,7 +119,7 @@ def test_a_failing_fit_stops_the_path_and_is_raised(monkeypatch):
             raise RuntimeError("solver failed")
         return np.full((len(x), n_classes), 1.0 / n_classes)
 
-    monkeypatch.setattr(head_module, "_full_probabilities", failing)
+    monkeypatch.setattr(logistic, "_full_probabilities", failing)
     x, y = blobs(12, 3)
     with pytest.raises(RuntimeError, match="solver failed"):
         fit_head(x, y, None, None, 3, TrainConfig())
@@ -156,31 +158,31 @@ def test_folds_on_several_threads_give_what_one_thread_gives(monkeypatch):
     """The folds run on one thread per core: the same kernel, C and figures as one after the other,
     and the ConvergenceWarnings the worker threads raise are still counted."""
     x, y = blobs(40, 3, dim=48, spread=3.0)
-    monkeypatch.setattr(head_module, "cpu_cores", lambda: 1)
+    monkeypatch.setattr(logistic, "cpu_cores", lambda: 1)
     alone = fit_head(x, y, None, None, 3, TrainConfig(seed=5))
-    monkeypatch.setattr(head_module, "cpu_cores", lambda: 4)
+    monkeypatch.setattr(logistic, "cpu_cores", lambda: 4)
     threads = []
-    real_pool = head_module.ThreadPoolExecutor
+    real_pool = logistic.ThreadPoolExecutor
 
     def counting_pool(**kwargs):
         threads.append(kwargs["max_workers"])
         return real_pool(**kwargs)
 
-    monkeypatch.setattr(head_module, "ThreadPoolExecutor", counting_pool)
+    monkeypatch.setattr(logistic, "ThreadPoolExecutor", counting_pool)
     together = fit_head(x, y, None, None, 3, TrainConfig(seed=5))
     assert threads == [4]
     np.testing.assert_array_equal(alone.kernel, together.kernel)
     np.testing.assert_array_equal(alone.out_of_fold, together.out_of_fold)
     assert alone.cross_validation == together.cross_validation
-    monkeypatch.setattr(head_module, "MAX_ITERATIONS", 1)
+    monkeypatch.setattr(logistic, "MAX_ITERATIONS", 1)
     assert fit_head(x, y, None, None, 3, TrainConfig(seed=5)).cross_validation["converged"] is False
 
 
 def test_the_solver_is_imported_ahead_unless_the_head_is_the_minibatch_one():
     import sys
 
-    assert head_module.import_solver_ahead("minibatch") is None
-    thread = head_module.import_solver_ahead("auto")
+    assert logistic.import_solver_ahead("minibatch") is None
+    thread = logistic.import_solver_ahead("auto")
     thread.join(timeout=60)
     assert not thread.is_alive() and "sklearn.linear_model" in sys.modules and "sklearn.model_selection" in sys.modules
 
