@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from retrain import safety
 from retrain.cli import main
 from retrain.features import bottlenecks
-from retrain.features.bottlenecks import (INDEX_FILE, BottleneckCache, _read_index, _read_key_file, cache_summary,
-                                          clean_stale_temporaries, clear_cache)
+from retrain.features.bottlenecks import BottleneckCache, cache_summary, clean_stale_temporaries, clear_cache
+from retrain.features.cache_index import INDEX_FILE, read_index, read_key_file, write_index
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 4
@@ -103,7 +103,7 @@ def test_key_files_since_the_index_are_merged_every_compact_every_shards(tmp_pat
     assert not (cache_at(tmp_path).dir / INDEX_FILE).exists()  # 7 shards outside an index: not yet
     where.update(fill(tmp_path, 1, start=7 * PER_SHARD))
     cache_at(tmp_path).lookup([key(0)])
-    index = _read_index(cache_at(tmp_path).dir / INDEX_FILE)
+    index = read_index(cache_at(tmp_path).dir / INDEX_FILE)
     assert index is not None and index.intact() and sorted(index.shards) == sorted(set(where.values()))
     assert sorted(np.asarray(index.keys).tolist()) == sorted(k.encode() for k in where)
     assert index.counts == [PER_SHARD] * 8
@@ -119,7 +119,7 @@ def test_a_shard_whose_writer_was_killed_before_its_key_file_is_found_and_gets_o
     opened.clear()
     check_found(cache_at(tmp_path).lookup(list(where)), list(where))
     assert f"{orphan}.npz" in opened
-    listed = _read_key_file(entry / f"{orphan}.keys")
+    listed = read_key_file(entry / f"{orphan}.keys")
     assert sorted(listed.tolist()) == sorted(k.encode() for k, name in where.items() if name == orphan)
     old = time.time() - 7200
     for leftover in entry.glob(".tmp-*"):
@@ -140,9 +140,9 @@ def _damage_index_keys(entry: Path, late) -> None:
 
 def _misdirect_index(entry: Path, late) -> None:
     """A well-formed index (digests and all) whose every key names the wrong shard."""
-    index = _read_index(entry / INDEX_FILE)
+    index = read_index(entry / INDEX_FILE)
     wrong = (np.asarray(index.ids) + 1) % len(index.shards)
-    bottlenecks._write_index(entry / INDEX_FILE, index.shards, index.counts, np.asarray(index.keys), wrong)
+    write_index(entry / INDEX_FILE, index.shards, index.counts, np.asarray(index.keys), wrong)
 
 
 def _swap_key_files(entry: Path, late) -> None:
@@ -174,7 +174,7 @@ def test_a_damaged_index_costs_time_never_a_vector(damage, tmp_path, monkeypatch
     entry = cache_at(tmp_path / "cache").dir
     other = tmp_path / "elsewhere"  # a whole index of other shards, for "index of another folder"
     other.mkdir()
-    bottlenecks._write_index(other / INDEX_FILE, ["0" * 32], [2], np.asarray([b"a" * 64, b"b" * 64]), np.zeros(2))
+    write_index(other / INDEX_FILE, ["0" * 32], [2], np.asarray([b"a" * 64, b"b" * 64]), np.zeros(2))
     DAMAGES[damage](entry, sorted(set(late.values())))
 
     cache = cache_at(tmp_path / "cache")
@@ -182,10 +182,10 @@ def test_a_damaged_index_costs_time_never_a_vector(damage, tmp_path, monkeypatch
     check_found(found, list(where))
     assert cache.corrupt == []  # no shard was taken for damaged
 
-    index = _read_index(entry / INDEX_FILE)  # rebuilt where it was wrong; and right again for every shard
+    index = read_index(entry / INDEX_FILE)  # rebuilt where it was wrong; and right again for every shard
     assert index is not None and index.intact()
     for name in set(where.values()) - set(index.shards):
-        listed = _read_key_file(entry / f"{name}.keys")
+        listed = read_key_file(entry / f"{name}.keys")
         assert sorted(listed.tolist()) == sorted(k.encode() for k, n in where.items() if n == name)
     for position, k in enumerate(np.asarray(index.keys).tolist()):
         assert where[k.decode()] == index.shards[index.ids[position]]
@@ -243,9 +243,9 @@ def _consistent(root: Path) -> set[str]:
         keys.update(shard_keys.tolist())
         key_file = shard.with_suffix(".keys")
         if key_file.exists():
-            assert _read_key_file(key_file).tolist() == [k.encode() for k in shard_keys.tolist()], key_file
+            assert read_key_file(key_file).tolist() == [k.encode() for k in shard_keys.tolist()], key_file
     if (entry / INDEX_FILE).exists():
-        index = _read_index(entry / INDEX_FILE)
+        index = read_index(entry / INDEX_FILE)
         assert index is not None and index.intact()
         assert set(index.shards) <= {p.stem for p in entry.glob("[!.]*.npz")}
     return keys

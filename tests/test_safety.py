@@ -311,9 +311,11 @@ def test_the_final_move_checks_the_target_again(tmp_path):
 DELETING_CALLS = {
     "api.py": (1, "export: os.replace of a converted TFLite file over the same name in a retrain model "
                   "(refused when that name is not the tool's)", "export over a user's file"),
-    "features/bottlenecks.py": (3, "a damaged shard set aside; its own temporary file (shard, key file, index); "
-                                   "(write) only inside a tagged cache",
-                       "test_cache_clear_removes_only_the_cache_files"),
+    "features/bottlenecks.py": (1, "a damaged shard set aside, only inside a tagged cache",
+                                "test_cache_clear_removes_only_the_cache_files"),
+    "features/cache_index.py": (2, "write_durably's own temporary file (shard, key file, index), renamed into place; "
+                                   "the cache calls it only inside a tagged cache",
+                                "test_cache_clear_removes_only_the_cache_files"),
     "files.py": (11, "staging folders with the stage mark; the earlier output after why_not_replaceable; "
                     "write_atomic's own temporary file", "test_staging_leftovers_are_removed_only_when_marked"),
     "safety.py": (2, "cache entry files with the cache's names, then the entry folder when empty",

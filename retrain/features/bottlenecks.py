@@ -5,14 +5,13 @@ holds the content hashes (keys) and vectors of one batch of writes plus a checks
 Shards are written to a temporary file and renamed into place, so a crash or a concurrent
 run never leaves a partial entry; a shard whose checksum fails is set aside and its vectors
 recomputed. Keys are SHA-256 of the image bytes, so renamed or duplicated files hit the cache.
-Each shard has a key file beside it and the entry a compacted index of them (see "the index"
-below): a lookup reads the shards holding the keys asked for, whatever the size of the cache.
+Each shard has a key file beside it and the entry a compacted index of them (their format:
+``cache_index.py``): a lookup reads the shards holding the keys asked for, whatever the size of the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import uuid
@@ -28,197 +27,18 @@ from ..data.images import iter_image_batches
 from ..errors import OutputError
 from ..safety import (SHARD_KEYS_NAME, SHARD_NAME, TEMPORARY_SHARD, cache_entries, check_cache_folder, clear_converted,
                       ensure_cache, remove_entry_files)
+from .cache_index import (INDEX_FILE, KEY_DTYPE, KEY_WIDTH, KEYS_SUFFIX, Index, key_array, key_file_bytes, read_index,
+                          read_key_file, write_durably, write_index)
 from .vectors import VectorStore
 
 SHARD_SIZE = 512  # vectors per shard: bounds memory while extracting and the work lost to a kill
+COMPACT_EVERY = 64  # shards outside the compacted index before a lookup merges them in (32k vectors)
 
 
 def _checksum(keys: np.ndarray, vectors: np.ndarray) -> str:
     digest = hashlib.sha256(keys.tobytes())
     digest.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
     return digest.hexdigest()
-
-
-# --- the index: key -> shard, so that a lookup reads what it asks for --------------------------------
-#
-# Beside each shard ``<name>.npz`` its writer puts ``<name>.keys`` (the shard's keys, written after
-# the shard, atomically); now and then a lookup merges the key files of the shards written since
-# into ``index.bin`` (sorted keys and their shards, written atomically, read by binary search on a
-# memory map). Every file is immutable once it has its name and no lock is taken: a reader unions
-# the compacted index with the key files of the shards it does not list, a shard with neither is
-# indexed by reading its keys (and then gets its key file), and two writers or compactions at once
-# each leave complete files.
-#
-# Damage costs time, never a vector: key files carry a digest of their keys, the index one of its
-# header and one per block of ``INDEX_BLOCK`` entries, verified for the blocks a lookup reads (where
-# a key is, or would be); a key file that fails is replaced by its shard's keys, an index that fails
-# is set aside for this lookup and rebuilt. A key is taken from a shard only after the shard's own
-# keys and checksum say so, and a shard that lacks a key the index gave it sends the lookup back to
-# reading every shard's keys (and the index is rebuilt).
-
-KEY_WIDTH = 64  # keys are SHA-256 hex digests: 64 ASCII characters, stored as such in the index
-KEYS_SUFFIX = ".keys"
-KEYS_MAGIC = b"retrain-keys-1\n\0"
-INDEX_FILE = "index.bin"
-INDEX_MAGIC = b"retrain-index-1\n"
-INDEX_BLOCK = 32  # index entries per digest: a lookup verifies about 2 KB (one or two blocks) per key it asks for
-COMPACT_EVERY = 64  # shards outside the compacted index before a lookup merges them in (32k vectors)
-_KEY = f"S{KEY_WIDTH}"
-
-
-def _key_array(keys) -> np.ndarray:
-    """Keys as the index stores them (``S64``); a key that is not ASCII of at most 64 characters is refused."""
-    encoded = [key.encode("ascii") if isinstance(key, str) else bytes(key) for key in keys]
-    if any(len(key) > KEY_WIDTH for key in encoded):
-        raise ValueError(f"cache keys have at most {KEY_WIDTH} characters")
-    return np.asarray(encoded, dtype=_KEY)
-
-
-def _write_durably(final: Path, fill) -> None:
-    """Write ``final`` through a temporary sibling: ``fill(handle)``, fsync, rename. A reader (and a
-    kill at any instant) sees the whole file or none; a concurrent writer of the same name leaves one
-    of the two, and both hold the same content (names derive from it, or it is a complete index)."""
-    temporary = final.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}{final.suffix}")
-    try:
-        with open(temporary, "wb") as handle:
-            fill(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def _key_file_bytes(name: str, keys: np.ndarray) -> bytes:
-    """A key file: magic, SHA-256 of the shard's name and keys (a file copied to another shard's name
-    fails it too), the keys."""
-    data = np.ascontiguousarray(keys, _KEY).tobytes()
-    return KEYS_MAGIC + hashlib.sha256(name.encode("ascii") + data).digest() + data
-
-
-def _read_key_file(path: Path) -> np.ndarray | None:
-    """A shard's keys from its key file (``S64``); None when it is missing, cut short or damaged."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    start = len(KEYS_MAGIC) + 32
-    body = data[start:]
-    name = path.name[:-len(KEYS_SUFFIX)].encode("ascii", "replace")
-    if (not data.startswith(KEYS_MAGIC) or len(body) % KEY_WIDTH
-            or hashlib.sha256(name + body).digest() != data[len(KEYS_MAGIC):start]):
-        return None
-    return np.frombuffer(body, _KEY)
-
-
-def _block_digests(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """16 bytes of SHA-256 per block of ``INDEX_BLOCK`` entries (keys and shard numbers)."""
-    digests = np.zeros((-(-len(keys) // INDEX_BLOCK), 16), np.uint8)
-    for block in range(len(digests)):
-        part = slice(block * INDEX_BLOCK, (block + 1) * INDEX_BLOCK)
-        digests[block] = np.frombuffer(_block_digest(keys[part], ids[part]), np.uint8)
-    return digests
-
-
-def _block_digest(keys: np.ndarray, ids: np.ndarray) -> bytes:
-    digest = hashlib.sha256(np.ascontiguousarray(keys).data)
-    digest.update(np.ascontiguousarray(ids).data)
-    return digest.digest()[:16]
-
-
-@dataclass
-class _Index:
-    """The compacted index: ``keys`` sorted, ``ids[i]`` the shard (number in ``shards``) of ``keys[i]``,
-    ``digests`` one per block of entries; the arrays are memory-mapped."""
-
-    shards: list[str]
-    counts: list[int]  # vectors per shard
-    keys: np.ndarray
-    ids: np.ndarray
-    digests: np.ndarray
-
-    def block_intact(self, block: int) -> bool:
-        part = slice(block * INDEX_BLOCK, (block + 1) * INDEX_BLOCK)
-        return (_block_digest(self.keys[part], self.ids[part]) == self.digests[block].tobytes()
-                and bool(np.all(self.ids[part] < len(self.shards))))
-
-    def intact(self) -> bool:
-        """Every block verified (reads the whole index: for compaction, not lookups)."""
-        return all(self.block_intact(block) for block in range(len(self.digests)))
-
-    def locate(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """For sorted ``query`` keys (``S64``), the range ``[left, right)`` of each in ``keys``; None
-        when a block the answer rests on fails its digest (where a key is, or where it would be)."""
-        left, right = np.searchsorted(self.keys, query, "left"), np.searchsorted(self.keys, query, "right")
-        last = len(self.keys) - 1
-        around = np.concatenate([np.clip(left - 1, 0, last), np.clip(left, 0, last), np.clip(right - 1, 0, last)])
-        blocks = set((around // INDEX_BLOCK).tolist())
-        found = np.flatnonzero(right - left > 1)  # a key in several shards: every block of its entries
-        for i in found.tolist():
-            blocks.update(range(left[i] // INDEX_BLOCK, (right[i] - 1) // INDEX_BLOCK + 1))
-        if not all(self.block_intact(block) for block in sorted(blocks)):
-            return None
-        return left, right
-
-
-def _aligned(offset: int) -> int:
-    return -(-offset // 64) * 64
-
-
-def _index_layout(header_length: int, count: int) -> tuple[int, int, int, int]:
-    """Offsets of keys, shard numbers and block digests, and the file's size."""
-    keys = _aligned(len(INDEX_MAGIC) + 8 + 32 + header_length)
-    ids = keys + count * KEY_WIDTH
-    digests = ids + count * 4
-    return keys, ids, digests, digests + 16 * (-(-count // INDEX_BLOCK))
-
-
-def _read_index(path: Path) -> _Index | None:
-    """The compacted index at ``path``; None when missing, cut short or damaged in its header (its
-    blocks are verified as they are read)."""
-    try:
-        with open(path, "rb") as handle:  # header and arrays from one open file: a compaction may replace it meanwhile
-            fixed = handle.read(len(INDEX_MAGIC) + 8 + 32)
-            if len(fixed) != len(INDEX_MAGIC) + 40 or not fixed.startswith(INDEX_MAGIC):
-                return None
-            length = int.from_bytes(fixed[len(INDEX_MAGIC):len(INDEX_MAGIC) + 8], "little")
-            if length > 1 << 30:
-                return None
-            text = handle.read(length)
-            if hashlib.sha256(text).digest() != fixed[len(INDEX_MAGIC) + 8:]:
-                return None
-            header = json.loads(text.decode("utf-8"))
-            count, shards, counts = int(header["vectors"]), list(header["shards"]), [int(c) for c in header["counts"]]
-            at_keys, at_ids, at_digests, size = _index_layout(length, count)
-            if os.fstat(handle.fileno()).st_size != size or len(shards) != len(counts) or header["block"] != INDEX_BLOCK:
-                return None
-            if count == 0:
-                return _Index(shards, counts, np.zeros(0, _KEY), np.zeros(0, "<u4"), np.zeros((0, 16), np.uint8))
-            def mapped(dtype, offset, shape):  # a plain array on the map: memmap's own slicing is slow in Python
-                return np.memmap(handle, dtype, "r", offset, shape).view(np.ndarray)
-
-            return _Index(shards, counts, mapped(_KEY, at_keys, (count,)), mapped("<u4", at_ids, (count,)),
-                          mapped(np.uint8, at_digests, ((size - at_digests) // 16, 16)))
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return None
-
-
-def _write_index(path: Path, shards: list[str], counts: list[int], keys: np.ndarray, ids: np.ndarray) -> None:
-    keys = np.ascontiguousarray(keys, _KEY)
-    ids = np.ascontiguousarray(ids, "<u4")
-    header = json.dumps({"vectors": len(keys), "block": INDEX_BLOCK, "shards": shards, "counts": counts}).encode("utf-8")
-    fixed = INDEX_MAGIC + len(header).to_bytes(8, "little") + hashlib.sha256(header).digest() + header
-    at_keys = _index_layout(len(header), len(keys))[0]
-    digests = _block_digests(keys, ids)
-
-    def fill(handle):
-        handle.write(fixed + b"\0" * (at_keys - len(fixed)))
-        handle.write(keys.data)
-        handle.write(ids.data)
-        handle.write(digests.data)
-
-    _write_durably(path, fill)
 
 
 class BottleneckCache:
@@ -311,12 +131,12 @@ class BottleneckCache:
 
     def _locate(self, wanted: set[str], shards: set[str], keyed: set[str]) -> dict[str, list[str]]:
         """The shards (present ones, best first) holding each wanted key, from the index."""
-        index = _read_index(self.dir / INDEX_FILE)
+        index = read_index(self.dir / INDEX_FILE)
         located: dict[str, list[str]] = {}
         covered = shards.intersection(index.shards) if index is not None else set()
         if covered and len(index.keys):
             query = sorted(key for key in wanted if key.isascii() and len(key) <= KEY_WIDTH)
-            ranges = index.locate(_key_array(query))
+            ranges = index.locate(key_array(query))
             if ranges is None:  # damaged: this lookup goes by key files (and shards), and rebuilds the index
                 index, covered = None, set()
             else:
@@ -342,7 +162,7 @@ class BottleneckCache:
         """A shard's keys: from its key file, else from the shard (which then gets its key file);
         None when the shard cannot be read (it is set aside)."""
         if has_key_file:
-            listed = _read_key_file(self.dir / f"{name}{KEYS_SUFFIX}")
+            listed = read_key_file(self.dir / f"{name}{KEYS_SUFFIX}")
             if listed is not None:
                 return listed
         listed = self._shard_keys(name)
@@ -355,7 +175,7 @@ class BottleneckCache:
         path = self.dir / f"{name}.npz"
         try:
             with np.load(path, allow_pickle=False) as data:
-                return _key_array(data["keys"].tolist())  # keys the index cannot hold count as damage too
+                return key_array(data["keys"].tolist())  # keys the index cannot hold count as damage too
         except FileNotFoundError:  # set aside by another process meanwhile
             return None
         except Exception:  # noqa: BLE001 - any damage (bad zip, missing member, bad array) sets the shard aside
@@ -368,7 +188,7 @@ class BottleneckCache:
         if not required and not self._may_write():
             return
         try:
-            _write_durably(self.dir / f"{name}{KEYS_SUFFIX}", lambda handle: handle.write(_key_file_bytes(name, keys)))
+            write_durably(self.dir / f"{name}{KEYS_SUFFIX}", lambda handle: handle.write(key_file_bytes(name, keys)))
         except OSError:
             if required:
                 raise
@@ -388,7 +208,7 @@ class BottleneckCache:
             return None
         return shard_keys.tolist(), vectors
 
-    def _compact(self, index: _Index | None, covered: set[str], fresh: dict[str, np.ndarray]) -> None:
+    def _compact(self, index: Index | None, covered: set[str], fresh: dict[str, np.ndarray]) -> None:
         """Write a new compacted index: the old one's entries for shards still there, merged with
         ``fresh`` (name -> keys). A damaged old index is rebuilt from the key files (or shards) instead."""
         if not self._may_write():
@@ -409,14 +229,14 @@ class BottleneckCache:
             kept = old_ids < len(names)
             old_keys, old_ids = np.asarray(index.keys)[kept], old_ids[kept]
         else:
-            counts, old_keys, old_ids = [], np.zeros(0, _KEY), np.zeros(0, np.int64)
+            counts, old_keys, old_ids = [], np.zeros(0, KEY_DTYPE), np.zeros(0, np.int64)
         added = sorted(fresh)
-        new_keys = np.concatenate([fresh[name] for name in added]) if added else np.zeros(0, _KEY)
+        new_keys = np.concatenate([fresh[name] for name in added]) if added else np.zeros(0, KEY_DTYPE)
         new_ids = np.repeat(np.arange(len(names), len(names) + len(added)), [len(fresh[name]) for name in added])
         order = np.argsort(new_keys, kind="stable")
         new_keys, new_ids = new_keys[order], new_ids[order]
         at = np.searchsorted(old_keys, new_keys, "right")
-        _write_index(self.dir / INDEX_FILE, names + added, counts + [len(fresh[name]) for name in added],
+        write_index(self.dir / INDEX_FILE, names + added, counts + [len(fresh[name]) for name in added],
                      np.insert(old_keys, at, new_keys), np.insert(old_ids, at, new_ids))
 
     def _scan_and_reindex(self, wanted: set[str]) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -428,7 +248,7 @@ class BottleneckCache:
             if listed is None:
                 continue
             truth[name] = listed
-            written = _read_key_file(self.dir / f"{name}{KEYS_SUFFIX}")
+            written = read_key_file(self.dir / f"{name}{KEYS_SUFFIX}")
             if written is None or not np.array_equal(written, listed):
                 self._write_key_file(name, listed)
             hits = wanted.intersection(key.decode("ascii") for key in listed.tolist())
@@ -444,7 +264,7 @@ class BottleneckCache:
     def compact(self) -> None:
         """Merge every shard's keys into the compacted index now (lookups do it every ``COMPACT_EVERY`` shards)."""
         shards, keyed = self._listing()
-        index = _read_index(self.dir / INDEX_FILE)
+        index = read_index(self.dir / INDEX_FILE)
         covered = shards.intersection(index.shards) if index is not None else set()
         fresh = {}
         for name in sorted(shards - covered):
@@ -456,14 +276,14 @@ class BottleneckCache:
 
     def write(self, keys: Sequence[str], vectors: np.ndarray) -> Path:
         """Write one shard atomically (temporary file, fsync, rename), then its key file likewise."""
-        key_bytes = _key_array(keys)  # refused before anything is written, as the index could not hold them
+        key_bytes = key_array(keys)  # refused before anything is written, as the index could not hold them
         self._ensure_tagged()
         self.dir.mkdir(parents=True, exist_ok=True)
         keys_array = np.asarray(list(keys), dtype="U64")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         checksum = _checksum(keys_array, vectors)
         final = self.dir / f"{checksum[:32]}.npz"
-        _write_durably(final, lambda handle: np.savez(handle, keys=keys_array, vectors=vectors,
+        write_durably(final, lambda handle: np.savez(handle, keys=keys_array, vectors=vectors,
                                                       checksum=np.asarray(checksum)))
         self._write_key_file(final.stem, key_bytes, required=True)  # after the shard: a key file never precedes it
         return final
@@ -487,14 +307,14 @@ def _entry_summary(entry: Path) -> dict:
                         keyed.add(item.name[:-len(KEYS_SUFFIX)])
     except (FileNotFoundError, NotADirectoryError):
         pass
-    index = _read_index(entry / INDEX_FILE)
+    index = read_index(entry / INDEX_FILE)
     counted = {name: count for name, count in zip(index.shards, index.counts)} if index is not None else {}
     vectors = 0
     for name in shards:
         if name in counted:
             vectors += counted[name]
             continue
-        listed = _read_key_file(entry / f"{name}{KEYS_SUFFIX}") if name in keyed else None
+        listed = read_key_file(entry / f"{name}{KEYS_SUFFIX}") if name in keyed else None
         if listed is None:
             try:
                 with np.load(entry / f"{name}.npz", allow_pickle=False) as data:
