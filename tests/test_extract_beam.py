@@ -150,7 +150,7 @@ def test_a_refused_module_fails_before_any_image_is_read(setup, tmp_path, monkey
         raise AssertionError("an image was looked at")
 
     monkeypatch.setattr(beam_extract, "list_inputs", read)
-    monkeypatch.setattr(beam_extract, "_read", read)
+    monkeypatch.setattr(beam_extract.steps, "read_file", read)
     result = CliRunner().invoke(main, ["extract", str(images), "--module", "https://models.example.com/m/1",
                                        "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 1
@@ -162,7 +162,7 @@ def test_a_refused_module_fails_before_any_image_is_read(setup, tmp_path, monkey
 
 def test_a_worker_refuses_a_module_whose_files_differ(setup, tmp_path):
     from retrain.errors import ModuleError
-    from retrain.features.beam import ModuleSpec, load_for_extraction
+    from retrain.features.beam.steps import ModuleSpec, load_for_extraction
 
     module, _ = setup
     spec = ModuleSpec(module, None, False, (), (), str(tmp_path), "0" * 64)
@@ -183,13 +183,13 @@ def test_globs_and_file_lists(setup, tmp_path):
 
 
 def test_shards_for_an_object_store_have_the_cache_format(tmp_path):
-    from retrain.features.beam import _write_remote_shard
+    from retrain.features.beam.steps import write_remote_shard
     from retrain.features.bottlenecks import BottleneckCache
 
     cache = BottleneckCache(tmp_path, "f" * 64, "key")
     cache.dir.mkdir(parents=True)
     vectors = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
-    _write_remote_shard(str(cache.dir), ["a" * 64, "b" * 64, "c" * 64], vectors)  # through FileSystems
+    write_remote_shard(str(cache.dir), ["a" * 64, "b" * 64, "c" * 64], vectors)  # through FileSystems
     found = cache.lookup(["a" * 64, "c" * 64])
     np.testing.assert_array_equal(found["c" * 64], vectors[2])
     assert cache.corrupt == []
@@ -197,7 +197,8 @@ def test_shards_for_an_object_store_have_the_cache_format(tmp_path):
 
 def test_without_apache_beam_one_line_says_how_to_get_it(setup, monkeypatch):
     module, images = setup
-    monkeypatch.delitem(sys.modules, "retrain.features.beam", raising=False)
+    for name in [name for name in sys.modules if name.startswith("retrain.features.beam")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # import apache_beam now fails
     result = CliRunner().invoke(main, ["extract", str(images), "--module", module])
     assert result.exit_code == 1
@@ -222,7 +223,7 @@ def test_the_readme_flags_for_dataflow_flink_and_spark_parse():
     from apache_beam.options.pipeline_options import (FlinkRunnerOptions, GoogleCloudOptions, PortableOptions,
                                                       SetupOptions, SparkRunnerOptions)
 
-    from retrain.features.beam import pipeline_options
+    from retrain.features.beam.options import pipeline_options
 
     runners = {}
     for words in _readme_commands():
@@ -251,7 +252,7 @@ def test_the_readme_flags_for_dataflow_flink_and_spark_parse():
 ])
 def test_pipeline_option_mistakes_are_one_line_errors(runner, workers, args, message):
     from retrain.errors import ConfigError
-    from retrain.features.beam import pipeline_options
+    from retrain.features.beam.options import pipeline_options
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         pipeline_options(runner, workers, args)
